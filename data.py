@@ -180,6 +180,235 @@ def eval_transform(img_size, crop_pct, crop_mode="center"):
 
 
 # ----------------------------------------------------------------------------------------------
+# Training transforms: RandomResizedCrop, flip, RandAugment, normalise, random erasing
+
+RANDOM_INTERPOLATIONS = (Image.BILINEAR, Image.BICUBIC)
+
+
+def random_resized_crop(img, size, rng, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    """A random box of area fraction in `scale` and aspect ratio in `ratio` (log-uniform), resized
+    to size x size with bilinear or bicubic picked at random. After 10 failed draws, the central
+    box with the ratio clamped to `ratio` (the usual fallback)."""
+    w, h = img.size
+    area = w * h
+    for _ in range(10):
+        target_area = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        cw, ch = int(round(math.sqrt(target_area * aspect))), int(round(math.sqrt(target_area / aspect)))
+        if 0 < cw <= w and 0 < ch <= h:
+            top, left = rng.randint(0, h - ch), rng.randint(0, w - cw)
+            break
+    else:
+        aspect = w / h
+        cw, ch = (w, int(round(w / ratio[0]))) if aspect < ratio[0] else \
+                 (int(round(h * ratio[1])), h) if aspect > ratio[1] else (w, h)
+        cw, ch = min(cw, w), min(ch, h)
+        top, left = (h - ch) // 2, (w - cw) // 2
+    return img.resize((size, size), rng.choice(RANDOM_INTERPOLATIONS), box=(left, top, left + cw, top + ch))
+
+
+# RandAugment (Cubuk et al. 2020), policy `rand-m9-mstd0.5-inc1` of the official recipe: each image
+# gets 2 ops drawn uniformly with replacement from the 'increasing' set below, each applied with
+# probability 0.5, at a magnitude drawn per op from N(9, 0.5) and clipped to [0, 10]. In the
+# increasing set a larger magnitude is always a stronger change. Signed ops flip their sign at
+# random. Geometric ops fill with the mean colour and resample bilinear or bicubic at random.
+MAX_MAGNITUDE = 10.0
+FILL = tuple(round(255 * m) for m in IMAGENET_MEAN)
+
+
+def _signed(v, rng):
+    return -v if rng.random() < 0.5 else v
+
+
+def _affine(img, coeffs, rng):
+    return img.transform(img.size, Image.AFFINE, coeffs, resample=rng.choice(RANDOM_INTERPOLATIONS),
+                         fillcolor=FILL)
+
+
+def _posterize(img, bits):
+    """Keep the top `bits` bits of each channel; 0 bits -> black (Pillow refuses bits = 0)."""
+    if bits >= 8:
+        return img
+    return ImageOps.posterize(img, bits) if bits > 0 else Image.new("RGB", img.size)
+
+
+def _solarize_add(img, add, threshold=128):
+    lut = [min(255, i + add) if i < threshold else i for i in range(256)]
+    return img.point(lut * 3)
+
+
+RANDAUGMENT_OPS = {  # name -> f(img, level in [0, 1], rng)
+    "AutoContrast": lambda img, v, rng: ImageOps.autocontrast(img),
+    "Equalize": lambda img, v, rng: ImageOps.equalize(img),
+    "Invert": lambda img, v, rng: ImageOps.invert(img),
+    "Rotate": lambda img, v, rng: img.rotate(_signed(30 * v, rng),
+                                             resample=rng.choice(RANDOM_INTERPOLATIONS), fillcolor=FILL),
+    "PosterizeIncreasing": lambda img, v, rng: _posterize(img, 4 - int(4 * v)),
+    "SolarizeIncreasing": lambda img, v, rng: ImageOps.solarize(img, 256 - int(256 * v)),
+    "SolarizeAdd": lambda img, v, rng: _solarize_add(img, int(110 * v)),
+    "ColorIncreasing": lambda img, v, rng: ImageEnhance.Color(img).enhance(1 + _signed(0.9 * v, rng)),
+    "ContrastIncreasing": lambda img, v, rng: ImageEnhance.Contrast(img).enhance(1 + _signed(0.9 * v, rng)),
+    "BrightnessIncreasing": lambda img, v, rng: ImageEnhance.Brightness(img).enhance(1 + _signed(0.9 * v, rng)),
+    "SharpnessIncreasing": lambda img, v, rng: ImageEnhance.Sharpness(img).enhance(1 + _signed(0.9 * v, rng)),
+    "ShearX": lambda img, v, rng: _affine(img, (1, _signed(0.3 * v, rng), 0, 0, 1, 0), rng),
+    "ShearY": lambda img, v, rng: _affine(img, (1, 0, 0, _signed(0.3 * v, rng), 1, 0), rng),
+    "TranslateXRel": lambda img, v, rng: _affine(img, (1, 0, _signed(0.45 * v, rng) * img.size[0], 0, 1, 0), rng),
+    "TranslateYRel": lambda img, v, rng: _affine(img, (1, 0, 0, 0, 1, _signed(0.45 * v, rng) * img.size[1]), rng),
+}
+
+
+def rand_augment(img, rng, num_ops=2, magnitude=9.0, magnitude_std=0.5, prob=0.5):
+    """Apply `num_ops` random ops of RANDAUGMENT_OPS (see the policy comment above)."""
+    names = list(RANDAUGMENT_OPS)
+    for name in [rng.choice(names) for _ in range(num_ops)]:
+        if rng.random() > prob:
+            continue
+        m = min(max(rng.gauss(magnitude, magnitude_std), 0.0), MAX_MAGNITUDE)
+        img = RANDAUGMENT_OPS[name](img, m / MAX_MAGNITUDE, rng)
+    return img
+
+
+def random_erasing(x, rng, prob=0.25, scale=(0.02, 1 / 3), ratio=(0.3, 1 / 0.3)):
+    """Random erasing (Zhong et al. 2020) on a normalised (3, H, W) tensor: with probability `prob`
+    one box of area fraction in `scale` and log-uniform aspect in `ratio` gets per-pixel N(0, 1)
+    noise (the normalised scale). Up to 10 draws to fit a box; none fits -> unchanged."""
+    if rng.random() >= prob:
+        return x
+    _, h, w = x.shape
+    for _ in range(10):
+        target_area = h * w * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        eh, ew = int(round(math.sqrt(target_area * aspect))), int(round(math.sqrt(target_area / aspect)))
+        if eh < h and ew < w:
+            top, left = rng.randint(0, h - eh), rng.randint(0, w - ew)
+            noise_gen = torch.Generator().manual_seed(rng.getrandbits(63))
+            x[:, top:top + eh, left:left + ew] = torch.randn(3, eh, ew, generator=noise_gen)
+            break
+    return x
+
+
+class TrainTransform:
+    """The official training pipeline: PIL image, rng -> normalised float tensor (3, S, S)."""
+
+    def __init__(self, img_size, randaugment=True, erase_prob=0.25):
+        self.img_size, self.randaugment, self.erase_prob = img_size, randaugment, erase_prob
+
+    def __call__(self, img, rng=random):
+        img = random_resized_crop(img, self.img_size, rng)
+        if rng.random() < 0.5:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        if self.randaugment:
+            img = rand_augment(img, rng)
+        x = normalize(to_tensor(img))
+        return random_erasing(x, rng, self.erase_prob) if self.erase_prob > 0 else x
+
+
+# ----------------------------------------------------------------------------------------------
+# Mixup / CutMix on the device, with label smoothing, as soft targets
+
+
+def smooth_one_hot(labels, num_classes, smoothing):
+    """(B,) int -> (B, num_classes): 1 - smoothing + smoothing/K on the label, smoothing/K elsewhere."""
+    off = smoothing / num_classes
+    return torch.full((labels.shape[0], num_classes), off, device=labels.device).scatter_(
+        1, labels[:, None], 1.0 - smoothing + off)
+
+
+def mixup_cutmix(x, labels, num_classes, rng, mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5,
+                 smoothing=0.1):
+    """Mix a whole batch with its reverse (Zhang et al. 2018; Yun et al. 2019), per batch.
+
+    x (B, 3, H, W) and labels (B,) on the device; rng (a random.Random) draws the batch's choices.
+    With probability `switch_prob` CutMix: a box of area fraction 1 - lam (lam ~ Beta(1, 1)) is
+    pasted from the flipped batch, clipped at the border, and lam is recomputed from the clipped
+    area; else Mixup with lam ~ Beta(0.8, 0.8). Returns the mixed x (in place) and soft targets
+    lam * y + (1 - lam) * y_flipped (each row sums to one), y label-smoothed.
+    """
+    use_cutmix = cutmix_alpha > 0 and (mixup_alpha <= 0 or rng.random() < switch_prob)
+    if use_cutmix:
+        lam = rng.betavariate(cutmix_alpha, cutmix_alpha)
+        h, w = x.shape[-2:]
+        cut_h, cut_w = int(h * math.sqrt(1 - lam)), int(w * math.sqrt(1 - lam))
+        cy, cx = rng.randint(0, h - 1), rng.randint(0, w - 1)
+        y0, y1 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, h)
+        x0, x1 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, w)
+        x[..., y0:y1, x0:x1] = x.flip(0)[..., y0:y1, x0:x1]
+        lam = 1.0 - (y1 - y0) * (x1 - x0) / (h * w)
+    elif mixup_alpha > 0:
+        lam = rng.betavariate(mixup_alpha, mixup_alpha)
+        flipped = x.flip(0).mul_(1.0 - lam)  # a copy, taken before x changes
+        x.mul_(lam).add_(flipped)
+    else:
+        lam = 1.0
+    y = smooth_one_hot(labels, num_classes, smoothing)
+    return x, lam * y + (1.0 - lam) * y.flip(0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling and loaders
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """This rank's share of one epoch, as keys `(sample index, sample seed)`; resumable mid-epoch.
+
+    Training (shuffle=True): the epoch's order is a permutation drawn from (seed, epoch), padded to
+    a multiple of `num_replicas`, rank r taking every num_replicas-th index from r (as
+    DistributedSampler). Each position also gets its own augmentation seed from (seed, epoch, rank,
+    position), so a sample's augmentation does not depend on the worker count or scheduling, and
+    `set_position(k)` skips the first k samples after a mid-epoch resume.
+    Evaluation (shuffle=False): rank r takes indices r, r + num_replicas, ... with no padding, so
+    every image counts exactly once when the ranks' sums are added up.
+    """
+
+    def __init__(self, n, num_replicas=1, rank=0, shuffle=True, seed=0):
+        self.n, self.num_replicas, self.rank, self.shuffle, self.seed = n, num_replicas, rank, shuffle, seed
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch):
+        self.epoch, self.start = epoch, 0
+
+    def set_position(self, start):
+        self.start = start
+
+    def _indices(self):
+        if not self.shuffle:
+            return list(range(self.rank, self.n, self.num_replicas))
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        order += order[:(-self.n) % self.num_replicas]  # pad so every rank gets the same count
+        return order[self.rank::self.num_replicas]
+
+    def __len__(self):
+        return len(self._indices()) - self.start
+
+    def __iter__(self):
+        indices = self._indices()
+        if not self.shuffle:
+            yield from indices[self.start:]
+            return
+        base = ((self.seed * 1_000_003 + self.epoch) * 1_000_003 + self.rank) * 10_000_019
+        for position in range(self.start, len(indices)):
+            yield indices[position], base + position
+
+
+def _seed_worker(worker_id):
+    """Seed the global RNGs of a loader worker from torch's per-worker seed (base seed + worker id),
+    so any code that uses them is reproducible too."""
+    seed = torch.initial_seed() % 2**32
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def make_loader(dataset, batch_size, sampler, workers, train, device_type="cpu"):
+    """A DataLoader over `sampler`'s keys: worker processes, pinned memory on GPUs, persistent
+    workers, full batches only in training."""
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+        pin_memory=device_type == "cuda", drop_last=train, persistent_workers=workers > 0,
+        worker_init_fn=_seed_worker, generator=torch.Generator().manual_seed(sampler.seed + sampler.rank),
+        prefetch_factor=4 if workers > 0 else None)
+
+
+# ----------------------------------------------------------------------------------------------
 # The demo dataset: ten texture classes that survive crops, flips and RandAugment
 
 DEMO_CLASSES = ("plain", "hstripes", "vstripes", "diagonal", "checker", "dots", "rings", "grid",

@@ -1,0 +1,240 @@
+"""CPU tests of data.py: folders, decoding, transforms, mixup/cutmix, sampling, the demo set."""
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+
+MEAN, STD = torch.tensor(data.IMAGENET_MEAN).view(3, 1, 1), torch.tensor(data.IMAGENET_STD).view(3, 1, 1)
+
+
+def random_image(w, h, seed=0):
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def write_folder(root, counts, size=(40, 30)):
+    """root/<class>/<k>.JPEG with random pixels; counts: {class name: number of images}."""
+    for c, n in counts.items():
+        os.makedirs(os.path.join(root, c), exist_ok=True)
+        for k in range(n):
+            random_image(*size, seed=hash((c, k)) % 2**32).save(os.path.join(root, c, f"{k}.JPEG"))
+    return str(root)
+
+
+# ---------------------------------------------------------------------------------------------- folders
+
+def test_image_folder_classes_samples_and_decoding(tmp_path):
+    root = write_folder(tmp_path / "train", {"b_cls": 2, "a_cls": 3})
+    # the odd files of real ImageNet: CMYK and greyscale JPEGs, a PNG saved under a .JPEG name
+    random_image(20, 20).convert("CMYK").save(tmp_path / "train" / "a_cls" / "cmyk.JPEG")
+    random_image(20, 20).convert("L").save(tmp_path / "train" / "b_cls" / "grey.JPEG")
+    random_image(20, 20).save(tmp_path / "train" / "b_cls" / "png.JPEG", format="PNG")
+    (tmp_path / "train" / "a_cls" / "notes.txt").write_text("not an image")
+    ds = data.ImageFolder(root)
+    assert ds.classes == ["a_cls", "b_cls"]
+    assert len(ds) == 8 and [label for _, label in ds.samples] == [0] * 4 + [1] * 4
+    for i in range(len(ds)):
+        x, label = ds[i]
+        assert x.shape[0] == 3 and x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
+    assert ds.num_bad == 0
+
+
+def test_image_folder_errors(tmp_path):
+    with pytest.raises(data.DataError, match="does not exist"):
+        data.ImageFolder(str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(data.DataError, match="no class sub-folders"):
+        data.ImageFolder(str(tmp_path / "empty"))
+    (tmp_path / "empty" / "cls").mkdir()
+    with pytest.raises(data.DataError, match="no image files"):
+        data.ImageFolder(str(tmp_path / "empty"))
+    with pytest.raises(data.DataError, match="val/ has classes not in train/: zebra; val/ lacks classes of train/: ant"):
+        data.check_same_classes(["ant", "bee"], ["bee", "zebra"])
+    data.check_same_classes(["ant", "bee"], ["ant", "bee"])
+
+
+def test_corrupt_image_is_reported_replaced_and_counted(tmp_path, capsys):
+    root = write_folder(tmp_path, {"a": 2, "b": 2})
+    good = (tmp_path / "a" / "1.JPEG").read_bytes()
+    (tmp_path / "a" / "1.JPEG").write_bytes(good[: len(good) // 2])  # truncated JPEG
+    ds = data.ImageFolder(root, max_bad_fraction=0.5)
+    x, label = ds[1]  # a/1.JPEG is bad: the next sample, b/0.JPEG, comes instead
+    assert label == 1 and torch.equal(x, ds[2][0])
+    assert "a/1.JPEG" in capsys.readouterr().err
+    ds[1]
+    assert ds.num_bad == 1  # distinct files, not reads
+    (tmp_path / "b" / "0.JPEG").write_bytes(b"garbage")
+    (tmp_path / "b" / "1.JPEG").write_bytes(b"garbage")
+    with pytest.raises(data.DataError, match="3 unreadable images"):  # bound: 0.5 * 4 = 2 files
+        for i in range(len(ds)):
+            ds[i]
+
+
+# ---------------------------------------------------------------------------------------------- eval
+
+@pytest.mark.parametrize("crop_mode", ["center", "squash"])
+def test_eval_transform_matches_the_protocol(crop_mode):
+    img = random_image(300, 200, seed=1)
+    x = data.eval_transform(224, 0.875, crop_mode)(img)
+    assert x.shape == (3, 224, 224) and x.dtype == torch.float32
+    # reference: floor(224 / 0.875) = 256; 'center' keeps the aspect (300 x 200 -> 384 x 256)
+    size = (384, 256) if crop_mode == "center" else (256, 256)
+    ref = np.asarray(img.resize(size, Image.BICUBIC), dtype=np.float64) / 255  # (H, W, 3)
+    top, left = (size[1] - 224) // 2, (size[0] - 224) // 2
+    ref = (ref[top:top + 224, left:left + 224] - np.array(data.IMAGENET_MEAN)) / np.array(data.IMAGENET_STD)
+    assert np.abs(x.permute(1, 2, 0).double().numpy() - ref).max() < 1e-5
+
+
+def test_eval_transform_crop_pct_below_one_and_portrait():
+    img = random_image(150, 330, seed=2)  # portrait: the width is the shorter side
+    x = data.eval_transform(64, 0.93)(img)  # floor(64 / 0.93) = 68 -> 68 x 149
+    ref_img = img.resize((68, int(68 * 330 / 150)), Image.BICUBIC)
+    top = int(round((ref_img.size[1] - 64) / 2))
+    ref = data.normalize(data.to_tensor(ref_img))[:, top:top + 64, 2:66]
+    assert torch.allclose(x, ref, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- train transforms
+
+def test_train_transform_shape_range_and_determinism():
+    img = random_image(90, 70, seed=3)
+    t = data.TrainTransform(48, erase_prob=0.0)
+    lo, hi = (0 - MEAN) / STD, (1 - MEAN) / STD
+    outs = [t(img, random.Random(s)) for s in range(20)]
+    for x in outs:
+        assert x.shape == (3, 48, 48) and x.dtype == torch.float32
+        assert (x >= lo - 1e-5).all() and (x <= hi + 1e-5).all()
+    assert torch.equal(t(img, random.Random(7)), outs[7])  # same seed, same image
+    assert len({x.sum().item() for x in outs}) > 15  # different seeds, different images
+
+
+def test_random_resized_crop_full_box_is_a_plain_resize():
+    img = random_image(50, 50, seed=4)
+    out = data.random_resized_crop(img, 32, random.Random(0), scale=(1, 1), ratio=(1, 1))
+    ref = [img.resize((32, 32), interp) for interp in data.RANDOM_INTERPOLATIONS]
+    assert any(np.array_equal(np.asarray(out), np.asarray(r)) for r in ref)
+
+
+def test_randaugment_ops_identity_at_zero_and_increasing():
+    yy, xx = np.mgrid[0:64, 0:64]
+    smooth = np.stack([xx * 3, yy * 3, 128 + 60 * np.sin(xx / 6) * np.cos(yy / 9)], axis=-1)
+    smooth[16:48:4, 16:48] = 40  # a few edges for the sharpness op
+    img = Image.fromarray(smooth.astype(np.uint8))  # mostly smooth: a larger shift moves pixels further
+    base = np.asarray(img, dtype=np.float64)
+    for name, op in data.RANDAUGMENT_OPS.items():
+        outs = [np.asarray(op(img, v, random.Random(0)), dtype=np.float64) for v in (0.0, 0.5, 1.0)]
+        assert all(o.shape == base.shape for o in outs), name
+        if name in ("AutoContrast", "Equalize", "Invert"):
+            continue  # no magnitude
+        diffs = [np.abs(o - base).mean() for o in outs]
+        if name != "PosterizeIncreasing":  # posterize keeps 4 bits at magnitude 0
+            assert diffs[0] < 1e-9, name  # magnitude 0 changes nothing
+        assert diffs[0] < diffs[1] < diffs[2], (name, diffs)  # a larger magnitude changes more
+
+
+def test_rand_augment_magnitude_and_determinism():
+    img = random_image(40, 40, seed=6)
+    a = data.rand_augment(img, random.Random(3))
+    b = data.rand_augment(img, random.Random(3))
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+    assert a.size == img.size and a.mode == "RGB"
+
+
+def test_random_erasing_one_box_of_noise():
+    x = torch.full((3, 40, 60), 7.0)
+    out = data.random_erasing(x.clone(), random.Random(0), prob=1.0)
+    changed = (out != 7.0).any(dim=0)  # (H, W)
+    rows, cols = changed.any(dim=1).nonzero(), changed.any(dim=0).nonzero()
+    box = changed[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+    assert box.all() and changed.sum() == box.numel()  # exactly one filled rectangle
+    area = box.numel() / (40 * 60)
+    assert 0.02 * 0.8 < area < 1 / 3 * 1.2
+    noise = out[:, changed]
+    assert abs(noise.mean()) < 0.3 and 0.7 < noise.std() < 1.3
+    assert torch.equal(data.random_erasing(x.clone(), random.Random(0), prob=0.0), x)
+
+
+# ---------------------------------------------------------------------------------------------- mixup / cutmix
+
+def test_cutmix_label_weight_equals_pasted_area():
+    for seed in range(10):
+        b, k = 4, 6
+        x = torch.arange(b, dtype=torch.float32).view(b, 1, 1, 1).expand(b, 3, 32, 48).clone()
+        labels = torch.tensor([0, 1, 2, 3])
+        x, target = data.mixup_cutmix(x, labels, k, random.Random(seed), mixup_alpha=0.0, cutmix_alpha=1.0,
+                                      smoothing=0.0)
+        assert torch.allclose(target.sum(1), torch.ones(b))
+        for i in range(b):
+            pasted = (x[i] == b - 1 - i).float().mean().item()  # pixels from the flipped sample
+            assert abs(target[i, labels[b - 1 - i]].item() - pasted) < 1e-6
+            assert abs(target[i, labels[i]].item() - (1 - pasted)) < 1e-6
+
+
+def test_mixup_blend_and_smoothed_targets():
+    b, k = 6, 10
+    x0 = torch.randn(b, 3, 8, 8)
+    labels = torch.randint(0, k, (b,))
+    x, target = data.mixup_cutmix(x0.clone(), labels, k, random.Random(1), mixup_alpha=0.8, cutmix_alpha=0.0,
+                                  smoothing=0.1)
+    assert torch.allclose(target.sum(1), torch.ones(b))
+    assert target.min() >= 0.1 / k - 1e-7
+    y = data.smooth_one_hot(labels, k, 0.1)
+    # recover lam from one element and check the images and targets are blended with it
+    lam = random.Random(1).betavariate(0.8, 0.8)  # mixup only: no switch draw
+    assert torch.allclose(x, lam * x0 + (1 - lam) * x0.flip(0), atol=1e-6)
+    assert torch.allclose(target, lam * y + (1 - lam) * y.flip(0), atol=1e-6)
+
+
+def test_smooth_one_hot():
+    y = data.smooth_one_hot(torch.tensor([2, 0]), 4, 0.1)
+    assert torch.allclose(y[0], torch.tensor([0.025, 0.025, 0.925, 0.025]))
+    assert torch.allclose(y.sum(1), torch.ones(2))
+
+
+# ---------------------------------------------------------------------------------------------- sampling, loaders
+
+def test_epoch_sampler_shards_and_resumes():
+    n, world = 23, 3
+    shards = [list(data.EpochSampler(n, world, r, shuffle=True, seed=5)) for r in range(world)]
+    assert len({len(s) for s in shards}) == 1  # padded: every rank gets the same count
+    assert {i for s in shards for i, _ in s} == set(range(n))
+    assert len({seed for s in shards for _, seed in s}) == sum(len(s) for s in shards)  # distinct sample seeds
+    s = data.EpochSampler(n, world, 1, shuffle=True, seed=5)
+    assert list(s) == shards[1]
+    s.set_position(4)
+    assert list(s) == shards[1][4:] and len(s) == len(shards[1]) - 4
+    s.set_epoch(1)
+    assert list(s) != shards[1]  # a new order each epoch
+    evals = [list(data.EpochSampler(n, world, r, shuffle=False)) for r in range(world)]
+    assert sorted(i for e in evals for i in e) == list(range(n))  # no padding: each image once
+
+
+def test_loader_is_independent_of_worker_count(tmp_path):
+    root = write_folder(tmp_path, {"a": 5, "b": 5})
+    ds = data.ImageFolder(root, data.TrainTransform(24))
+    batches = []
+    for workers in (0, 2):
+        sampler = data.EpochSampler(len(ds), 1, 0, shuffle=True, seed=3)
+        sampler.set_epoch(2)
+        loader = data.make_loader(ds, 4, sampler, workers, train=True)
+        batches.append([(x.clone(), y.clone()) for x, y in loader])
+    assert len(batches[0]) == 2  # 10 images, full batches of 4 only
+    for (xa, ya), (xb, yb) in zip(*batches):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_demo_dataset_is_written_once(tmp_path):
+    root = str(tmp_path / "demo")
+    assert data.make_demo_dataset(root, train_per_class=3, val_per_class=2) == root
+    train, val = data.ImageFolder(os.path.join(root, "train")), data.ImageFolder(os.path.join(root, "val"))
+    assert train.classes == val.classes == sorted(data.DEMO_CLASSES)
+    assert len(train) == 30 and len(val) == 20
+    with Image.open(train.samples[0][0]) as img:
+        assert img.format == "JPEG"
+    stamp = os.path.getmtime(train.samples[0][0])
+    data.make_demo_dataset(root, train_per_class=3, val_per_class=2)
+    assert os.path.getmtime(train.samples[0][0]) == stamp  # cached

@@ -1,0 +1,231 @@
+"""CPU tests of train.py: LAMB, the schedule, EMA, losses, DDP on gloo, kill-and-resume, bad input."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import data
+import train
+from model import build_model
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TINY = json.dumps(dict(depths=[1, 1, 2, 2], dim=16, in_dim=8))
+# a tiny network at 32 px (levels 2 and 3 are 2 x 2 and 1 x 1 maps), 3 images a step
+TINY_FLAGS = ["--model-overrides", TINY, "--window-size", "8", "8", "2", "1", "--img-size", "32",
+              "--batch-size", "3", "--workers", "0", "--epochs", "3", "--warmup-epochs", "1",
+              "--cooldown-epochs", "1", "--ema-decay", "0.9", "--mesa-start", "0.3"]
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    """A small demo set: 10 classes x 4 train (13 steps of 3 a epoch) and x 2 val images."""
+    return data.make_demo_dataset(str(tmp_path_factory.mktemp("data") / "demo"), train_per_class=4,
+                                  val_per_class=2)
+
+
+def run_train(*flags, nproc=None, timeout=120):
+    """train.py in a fresh process (through torchrun for nproc): returns the CompletedProcess."""
+    cmd = [sys.executable] + (["-m", "torch.distributed.run", f"--nproc_per_node={nproc}"] if nproc else []) + \
+          [os.path.join(HERE, "train.py")] + list(flags)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=HERE)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=HERE)
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# ---------------------------------------------------------------------------------------------- LAMB
+
+def lamb_reference(params, grads_per_step, lr, betas, eps, wd, decays, max_grad_norm):
+    """LAMB written out per tensor in float64, straight from the formulas in train.Lamb's docstring."""
+    b1, b2 = betas
+    params = [p.clone() for p in params]
+    m = [torch.zeros_like(p) for p in params]
+    v = [torch.zeros_like(p) for p in params]
+    for t, grads in enumerate(grads_per_step, start=1):
+        total = math.sqrt(sum(float((g * g).sum()) for g in grads))
+        scale = max(total / max_grad_norm, 1.0)
+        for i, (p, g) in enumerate(zip(params, grads)):
+            g = g / scale
+            m[i] = b1 * m[i] + (1 - b1) * g
+            v[i] = b2 * v[i] + (1 - b2) * g * g
+            u = (m[i] / (1 - b1 ** t)) / ((v[i] / (1 - b2 ** t)).sqrt() + eps)
+            ratio = 1.0
+            if decays[i]:
+                u = u + wd * p
+                ratio = float(p.norm() / u.norm())
+            params[i] = p - lr * ratio * u
+    return params
+
+
+@pytest.mark.parametrize("grad_scale", [0.01, 10.0])  # global grad norm below / above the clip at 1
+def test_lamb_matches_its_formulas(grad_scale):
+    torch.manual_seed(0)
+    weight, bias = torch.randn(5, 4, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    grads = [[grad_scale * torch.randn(5, 4, dtype=torch.float64), grad_scale * torch.randn(5, dtype=torch.float64)]
+             for _ in range(4)]
+    ref = lamb_reference([weight, bias], grads, lr=0.1, betas=(0.9, 0.999), eps=1e-8, wd=0.05,
+                         decays=[True, False], max_grad_norm=1.0)
+    w, b = weight.clone().requires_grad_(), bias.clone().requires_grad_()
+    opt = train.Lamb([dict(params=[w], weight_decay=0.05), dict(params=[b], weight_decay=0.0)], lr=0.1)
+    for gw, gb in grads:
+        w.grad, b.grad = gw.clone(), gb.clone()
+        opt.step()
+    for ours, theirs in ((w, ref[0]), (b, ref[1])):
+        assert (ours.detach() - theirs).norm() / theirs.norm() < 1e-12
+    assert (w.detach() - weight).norm() > 1e-3  # it did move
+
+
+def test_param_groups_exclude_biases_and_1d():
+    model = build_model("t", num_classes=10, **{k: tuple(v) if isinstance(v, list) else v
+                                                  for k, v in json.loads(TINY).items()})
+    decay, no_decay = train.param_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    assert all(p.ndim >= 2 and not names[id(p)].endswith(".bias") for p in decay["params"])
+    assert all(p.ndim <= 1 or names[id(p)].endswith(".bias") for p in no_decay["params"])
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert any(names[id(p)].endswith("A_log") for p in decay["params"])  # 2-D (d, n): decays
+
+
+# ---------------------------------------------------------------------------------------------- schedule
+
+def test_learning_rate_schedule():
+    # 5 steps an epoch; warmup 3 epochs (15 steps); cosine spans 10 - 2 = 8 epochs (40 steps) from step 0
+    args = SimpleNamespace(lr=1.0, warmup_lr=0.1, min_lr=0.01, warmup_epochs=3, epochs=10, cooldown_epochs=2)
+    lr = lambda step: train.lr_at(step, 5, args)  # noqa: E731
+    assert lr(0) == pytest.approx(0.1)  # warmup_lr
+    assert lr(14) == pytest.approx(0.1 + 0.9 * 14 / 15)  # last warmup step
+    assert lr(15) == pytest.approx(0.01 + 0.495 * (1 + math.cos(math.pi * 15 / 40)))  # cosine, part-way along
+    assert lr(20) == pytest.approx(0.505)  # half the cosine span: the midpoint of lr and min_lr
+    assert lr(39) == pytest.approx(0.01 + 0.495 * (1 + math.cos(math.pi * 39 / 40)))
+    assert lr(40) == pytest.approx(0.01) and lr(49) == pytest.approx(0.01)  # cooldown start and end
+    assert lr(14) > lr(15) > lr(20) > lr(39) > lr(40)
+
+
+# ---------------------------------------------------------------------------------------------- EMA, losses
+
+def test_ema_update():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    ema = train.ModelEma(model, decay=0.9)
+    before = {k: v.clone() for k, v in ema.module.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    model(torch.randn(5, 3))  # moves BatchNorm's running stats and num_batches_tracked
+    ema.update()
+    for k, v in ema.module.state_dict().items():
+        m = model.state_dict()[k]
+        expected = 0.9 * before[k] + 0.1 * m if v.is_floating_point() else m
+        assert torch.allclose(v, expected, atol=1e-6), k
+    assert not any(p.requires_grad for p in ema.module.parameters())
+
+
+def test_soft_cross_entropy_equals_label_smoothing_cross_entropy():
+    logits, labels = torch.randn(6, 10, dtype=torch.float64), torch.randint(0, 10, (6,))
+    target = data.smooth_one_hot(labels, 10, 0.1).double()
+    ref = F.cross_entropy(logits, labels, label_smoothing=0.1)
+    assert torch.allclose(train.soft_cross_entropy(logits, target).double(), ref, rtol=1e-6)
+
+
+def test_mesa_loss_is_scaled_kl():
+    s, t = torch.randn(4, 7), torch.randn(4, 7)
+    p_s, p_t = torch.softmax(s / 3, -1), torch.softmax(t / 3, -1)
+    kl = (p_t * (p_t.log() - p_s.log())).sum(-1).mean()
+    assert torch.allclose(train.mesa_loss(s, t, 0.5), 0.5 * 50 * kl, rtol=1e-5)
+    assert train.mesa_loss(t, t, 0.5).abs() < 1e-6
+
+
+# ---------------------------------------------------------------------------------------------- whole runs
+
+def test_two_process_gloo_run_keeps_ranks_identical(demo_dir, tmp_path):
+    out = tmp_path / "ddp"
+    r = run_train("--data-dir", demo_dir, "--output-dir", str(out), *TINY_FLAGS, "--epochs", "2",
+                  "--cooldown-epochs", "0", "--batch-size", "4", nproc=2)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("weights identical on 2 ranks") == 2  # checked at each epoch's end
+    ckpt = load(out / "last.pt")
+    assert ckpt["step"] == 2 * (40 // 8) and ckpt["epoch"] == 2  # 40 images, 2 ranks x 4 a step
+    assert len(ckpt["rng"]) == 2 and ckpt["config"]["world_size"] == 2
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and {"top1", "ema_top1", "train_loss"} <= set(json.loads(lines[-1]))
+
+
+def test_kill_and_resume_equals_the_straight_run(demo_dir, tmp_path):
+    flags = ["--data-dir", demo_dir, *TINY_FLAGS, "--deterministic", "--max-steps", "30"]
+    straight = run_train(*flags, "--output-dir", str(tmp_path / "straight"))
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    # 1) stopped mid-epoch (step 17 = epoch 1, 4 steps in), then the same command to the end
+    stopped = tmp_path / "stopped"
+    assert run_train(*flags[:-1], "17", "--output-dir", str(stopped)).returncode == 0
+    assert load(stopped / "last.pt")["step"] == 17
+    resumed = run_train(*flags, "--output-dir", str(stopped))
+    assert resumed.returncode == 0 and "resumed from" in resumed.stdout
+    # 2) SIGKILL once the first checkpoint is on disk, then the same command again
+    killed = tmp_path / "killed"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=HERE)
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), *flags, "--output-dir", str(killed)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=HERE)
+    deadline = time.time() + 60
+    while not (killed / "last.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert run_train(*flags, "--output-dir", str(killed)).returncode == 0
+    ref = load(tmp_path / "straight" / "last.pt")
+    assert ref["step"] == 30
+    for other in (stopped, killed):
+        ckpt = load(other / "last.pt")
+        assert ckpt["step"] == 30
+        for part in ("model", "ema"):
+            for k, v in ref[part].items():
+                assert torch.equal(ckpt[part][k], v), (other.name, part, k)
+        for i, s in ref["optimizer"]["state"].items():
+            assert torch.equal(ckpt["optimizer"]["state"][i]["exp_avg"], s["exp_avg"])
+
+
+def test_non_finite_steps_are_skipped_then_stop_the_run(demo_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(train, "soft_cross_entropy", lambda logits, target: logits.sum() * float("nan"))
+    with pytest.raises(SystemExit) as e:
+        train.main(["--data-dir", demo_dir, "--output-dir", str(tmp_path), *TINY_FLAGS, "--max-bad-steps", "3"])
+    assert e.value.code == 1
+    out, err = capsys.readouterr()
+    assert out.count("step skipped") == 3
+    assert err.strip().splitlines()[-1].startswith("error: 3 non-finite steps in a row")
+
+
+def test_benchmark_mode(capsys):
+    train.main(["--benchmark", *TINY_FLAGS, "--benchmark-steps", "2"])
+    out = capsys.readouterr().out
+    assert "images/s" in out and "peak memory" in out
+
+
+@pytest.mark.parametrize("case, flags, message", [
+    ("missing data", ["--data-dir", "/nonexistent/imagenet"], "does not exist"),
+    ("no train/", ["--data-dir", "{empty}"], "no train/ folder"),
+    ("unknown variant", ["--variant", "tiny"], "unknown variant 'tiny'"),
+    ("batch size 0", ["--batch-size", "0"], "--batch-size must be positive"),
+    ("corrupt resume", ["--data-dir", "{demo}", "--resume", "{corrupt}"], "cannot read checkpoint"),
+])
+def test_bad_input_gives_one_line_and_exit_2(case, flags, message, demo_dir, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "corrupt.pt").write_bytes(b"PK\x03\x04 truncated")
+    flags = [f.format(empty=tmp_path / "empty", demo=demo_dir, corrupt=tmp_path / "corrupt.pt") for f in flags]
+    argv = ["--output-dir", str(tmp_path / "out"), *TINY_FLAGS, *flags]
+    if "--data-dir" not in argv:
+        argv += ["--data-dir", demo_dir]
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
