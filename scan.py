@@ -15,6 +15,14 @@ For every batch b, channel d and state n, with h_0 = 0 (zero-order-hold discreti
     h_t,n = exp(dt_t * A_d,n) * h_{t-1},n + dt_t * B_t,n * u_t
     y_t   = sum_n C_t,n * h_t,n + D_d * u_t
 """
+import argparse
+import ctypes
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 
@@ -41,6 +49,381 @@ def selective_scan_ref(u, delta, A, B, C, D, delta_bias, delta_softplus=True):
     return y.to(out_dtype)
 
 
+def selective_scan_bwd_ref(u, delta, A, B, C, D, delta_bias, dy, delta_softplus=True):
+    """Gradients of `selective_scan_ref` w.r.t. its seven tensors, written out by hand.
+
+    This is the math the CUDA backward runs (scan_cuda.cu), in readable PyTorch: a forward loop
+    keeps every state h_t, then a reverse-time loop carries g_t = dLoss/dh_t (per state n):
+        g_t     = exp(dt_{t+1} A) g_{t+1} + dy_t C_t
+        dC_t    = sum_d dy_t h_t          dB_t = sum_d g_t dt_t u_t
+        du_t    = dt_t sum_n g_t B_t + D dy_t
+        d(dt_t) = u_t sum_n g_t B_t + sum_n g_t h_{t-1} exp(dt_t A) A
+        dA      = sum_{b,t} g_t h_{t-1} exp(dt_t A) dt_t,   ddelta = d(dt) * sigmoid(delta + delta_bias)
+    Returns (du, ddelta, dA, dB, dC, dD, ddelta_bias), each in its input's dtype.
+    """
+    inputs = (u, delta, A, B, C, D, delta_bias)
+    acc = torch.promote_types(u.dtype, torch.float32)
+    u, delta, A, B, C, D, delta_bias, dy = (t.to(acc) for t in (*inputs, dy))
+    x = delta + delta_bias[:, None]                         # (b, d, l)
+    dt = F.softplus(x) if delta_softplus else x
+    dA = torch.exp(dt[..., None] * A[:, None, :])          # (b, d, l, n)  decay per step
+    Bt, Ct = B.transpose(1, 2)[:, None], C.transpose(1, 2)[:, None]  # (b, 1, l, n)
+    dBu = (dt * u)[..., None] * Bt                          # (b, d, l, n)
+    h = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])     # (b, d, n)
+    hs = []
+    for t in range(u.shape[2]):
+        h = dA[:, :, t] * h + dBu[:, :, t]
+        hs.append(h)
+    hs = torch.stack(hs, dim=2)                             # (b, d, l, n)  h_t
+    h_prev = F.pad(hs, (0, 0, 1, 0))[:, :, :-1]             # (b, d, l, n)  h_{t-1}
+    g, gs = torch.zeros_like(h), []
+    for t in reversed(range(u.shape[2])):
+        g = g + dy[:, :, t, None] * Ct[:, :, t]             # dLoss/dh_t
+        gs.append(g)
+        g = dA[:, :, t] * g                                 # carried to h_{t-1}
+    gs = torch.stack(gs[::-1], dim=2)                       # (b, d, l, n)
+    gB = (gs * Bt).sum(-1)                                  # (b, d, l)
+    gha = gs * h_prev * dA                                  # (b, d, l, n)  dLoss/d(decay) * decay
+    du = dt * gB + D[:, None] * dy
+    ddt = u * gB + (gha * A[:, None, :]).sum(-1)
+    ddelta = ddt * torch.sigmoid(x) if delta_softplus else ddt
+    grads = (
+        du,
+        ddelta,
+        (gha * dt[..., None]).sum((0, 2)),                  # dA (d, n)
+        (gs * (dt * u)[..., None]).sum(1).transpose(1, 2),  # dB (b, n, l)
+        (dy[..., None] * hs).sum(1).transpose(1, 2),        # dC (b, n, l)
+        (dy * u).sum((0, 2)),                               # dD (d,)
+        ddelta.sum((0, 2)),                                 # ddelta_bias (d,)
+    )
+    return tuple(grad.to(inp.dtype).contiguous() for grad, inp in zip(grads, inputs))
+
+
+# ---------------------------------------------------------------------------------------------
+# The CUDA kernels (scan_cuda.cu): built on first use, wrapped as torch.library custom ops.
+
+_KERNEL_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # dtype -> scan_cuda.cu's code
+_KERNEL_MAX_STATE = 16
+_build = {"tried": False, "error": None, "lib": None}  # outcome of the one build attempt of this process
+
+
+def _scan_mode():
+    """MAMBAVISION_SCAN: unset/'auto' (CUDA tensors -> kernel), 'ref' or 'cuda' force a path."""
+    mode = os.environ.get("MAMBAVISION_SCAN", "") or "auto"
+    if mode not in ("auto", "ref", "cuda"):
+        raise ValueError(f"MAMBAVISION_SCAN={mode!r} is not valid: set it to 'ref' or 'cuda', or unset it")
+    return mode
+
+
+def _kernel_fits(u, A):
+    return u.dtype in _KERNEL_DTYPES and A.shape[1] <= _KERNEL_MAX_STATE
+
+
+def _build_extension():
+    """Compile scan_cuda.cu for the visible GPU's architecture only; return the loaded library."""
+    from torch.utils import cpp_extension
+
+    if cpp_extension.CUDA_HOME is None:
+        raise RuntimeError("no CUDA toolkit found (install nvcc or set CUDA_HOME)")
+    major, minor = torch.cuda.get_device_capability()
+    arch = f"{major}{minor}"
+    name = f"mambavision_scan_sm{arch}"
+    cache = Path(os.environ.get("MAMBAVISION_CACHE") or Path.home() / ".cache" / "mambavision_scan") / name
+    cache.mkdir(parents=True, exist_ok=True)
+    if not (cache / f"{name}.so").exists():
+        print(f"MambaVision: building the selective-scan kernel for sm_{arch} in {cache} (once, about 20 s)",
+              file=sys.stderr, flush=True)
+    path = cpp_extension.load(
+        name=name,
+        sources=[str(Path(__file__).with_name("scan_cuda.cu"))],
+        extra_cuda_cflags=["-O3", f"-gencode=arch=compute_{arch},code=sm_{arch}"],
+        build_directory=str(cache),
+        is_python_module=False,  # a plain shared library with an extern "C" interface, called by ctypes
+    )
+    lib = ctypes.CDLL(path)
+    ptr, i32 = ctypes.c_void_p, ctypes.c_int
+    lib.mv_scan_fwd.argtypes = [i32] * 6 + [ptr] * 9
+    lib.mv_scan_bwd.argtypes = [i32] * 6 + [ptr] * 14
+    lib.mv_scan_error_string.restype = ctypes.c_char_p
+    return lib
+
+
+def _kernels_ready(required):
+    """Build the kernels once per process. On failure: raise if `required`, else warn once (with
+    the reason) and return False so that the caller runs the reference."""
+    if not _build["tried"]:
+        _build["tried"] = True
+        try:
+            _build["lib"] = _build_extension()
+        except Exception as e:  # a missing toolchain or a compiler error must not end the user's run
+            _build["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+            if not required:
+                warnings.warn(f"MambaVision: could not build the CUDA selective scan ({_build['error']}); "
+                              "using the slower reference scan instead", RuntimeWarning, stacklevel=3)
+    if _build["error"] is not None and required:
+        raise RuntimeError(f"MAMBAVISION_SCAN=cuda, but the CUDA selective scan could not be built: "
+                           f"{_build['error']}")
+    return _build["error"] is None
+
+
+def _check_launch(code):
+    if code != 0:
+        raise RuntimeError(f"selective scan CUDA kernel failed: {_build['lib'].mv_scan_error_string(code).decode()}")
+
+
+def _kernel_fwd(u, delta, A, B, C, D, delta_bias, delta_softplus, y=None):
+    """y = scan(...) by scan_cuda.cu; inputs as _kernel_inputs returns them. `y`: an optional
+    preallocated output (the tests pass one filled with NaN to prove every element is written)."""
+    y = torch.empty_like(u) if y is None else y
+    (batch, dim, length), n = u.shape, A.shape[1]
+    if y.numel() == 0:
+        return y
+    with torch.cuda.device(u.device):
+        _check_launch(_build["lib"].mv_scan_fwd(
+            _KERNEL_DTYPES[u.dtype], batch, dim, length, n, int(delta_softplus),
+            *(t.data_ptr() for t in (u, delta, A, B, C, D, delta_bias, y)), torch.cuda.current_stream().cuda_stream))
+    return y
+
+
+def _kernel_bwd_buffers(u, A):
+    """The backward's outputs and work buffers: du, ddelta (u's shape and dtype), per-block
+    partials of dB and dC, per-(b, d) partials of dA, dD, ddelta_bias, and the kernel's scratch
+    of segment-entry states."""
+    lib, (batch, dim, length), n = _build["lib"], u.shape, A.shape[1]
+    nmax, seg = lib.mv_scan_state_max(n), lib.mv_scan_seg_len(n)
+    f32 = dict(device=u.device, dtype=torch.float32)
+    return dict(du=torch.empty_like(u), ddelta=torch.empty_like(u),
+                dBC_part=torch.empty(lib.mv_scan_channel_blocks(dim), batch, 2 * nmax, length, **f32),
+                dADb_part=torch.empty(batch, dim, nmax + 2, **f32),
+                seg_state=torch.empty(batch, dim, -(-length // seg), nmax, **f32))
+
+
+def _kernel_bwd(u, delta, A, B, C, D, delta_bias, dy, delta_softplus, buffers=None):
+    """The seven gradients by scan_cuda.cu: the kernel writes per-block partials of dB, dC and per
+    (b, d) partials of dA, dD, ddelta_bias; torch sums them here in a fixed order (deterministic).
+    `buffers`: optional, as _kernel_bwd_buffers returns them (the tests pass NaN-filled ones)."""
+    lib, (batch, dim, length), n = _build["lib"], u.shape, A.shape[1]
+    nmax = lib.mv_scan_state_max(n)
+    buf = _kernel_bwd_buffers(u, A) if buffers is None else buffers
+    du, ddelta, dBC_part, dADb_part = buf["du"], buf["ddelta"], buf["dBC_part"], buf["dADb_part"]
+    if u.numel() == 0:
+        dBC_part.zero_()
+        dADb_part.zero_()
+    else:
+        with torch.cuda.device(u.device):
+            _check_launch(lib.mv_scan_bwd(
+                _KERNEL_DTYPES[u.dtype], batch, dim, length, n, int(delta_softplus),
+                *(t.data_ptr() for t in (u, delta, A, B, C, D, delta_bias, dy, du, ddelta, dBC_part, dADb_part,
+                                         buf["seg_state"])),
+                torch.cuda.current_stream().cuda_stream))
+    dBC, dADb = dBC_part.sum(0), dADb_part.sum(0)  # (b, 2 nmax, l), (d, nmax + 2)
+    grads = du, ddelta, dADb[:, :n], dBC[:, :n], dBC[:, nmax:nmax + n], dADb[:, nmax], dADb[:, nmax + 1]
+    return tuple(g if g is du or g is ddelta else g.clone(memory_format=torch.contiguous_format) for g in grads)
+
+
+def _use_kernel(u, A):
+    return u.is_cuda and _kernel_fits(u, A) and _kernels_ready(required=_scan_mode() == "cuda")
+
+
+def _kernel_inputs(u, delta, A, B, C, D, delta_bias):
+    """Contiguous inputs in the kernel's dtypes: u, delta, B, C share one dtype (float32 if mixed)."""
+    dtype = u.dtype if delta.dtype == B.dtype == C.dtype == u.dtype else torch.float32
+    return (*(t.to(dtype).contiguous() for t in (u, delta)), A.float().contiguous(),
+            *(t.to(dtype).contiguous() for t in (B, C)), D.float().contiguous(), delta_bias.float().contiguous())
+
+
+@torch.library.custom_op("mambavision::selective_scan", mutates_args=())
+def _scan_op(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+             D: torch.Tensor, delta_bias: torch.Tensor, delta_softplus: bool) -> torch.Tensor:
+    with torch.autocast(u.device.type, enabled=False):
+        if not _use_kernel(u, A):
+            return selective_scan_ref(u, delta, A, B, C, D, delta_bias, delta_softplus)
+        args = _kernel_inputs(u, delta, A, B, C, D, delta_bias)
+        return _kernel_fwd(*args, delta_softplus).to(u.dtype)
+
+
+@_scan_op.register_fake
+def _(u, delta, A, B, C, D, delta_bias, delta_softplus):
+    return u.new_empty(u.shape)
+
+
+@torch.library.custom_op("mambavision::selective_scan_backward", mutates_args=())
+def _scan_backward_op(
+    u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, D: torch.Tensor,
+    delta_bias: torch.Tensor, dy: torch.Tensor, delta_softplus: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    inputs = (u, delta, A, B, C, D, delta_bias)
+    with torch.autocast(u.device.type, enabled=False):
+        if not _use_kernel(u, A):
+            return selective_scan_bwd_ref(*inputs, dy, delta_softplus)
+        args = _kernel_inputs(*inputs)
+        grads = _kernel_bwd(*args, dy.to(args[0].dtype).contiguous(), delta_softplus)
+        return tuple(grad.to(inp.dtype) for grad, inp in zip(grads, inputs))
+
+
+@_scan_backward_op.register_fake
+def _(u, delta, A, B, C, D, delta_bias, dy, delta_softplus):
+    return tuple(t.new_empty(t.shape) for t in (u, delta, A, B, C, D, delta_bias))
+
+
+def _scan_setup_context(ctx, inputs, output):
+    *tensors, ctx.delta_softplus = inputs
+    ctx.save_for_backward(*tensors)
+
+
+def _scan_backward(ctx, dy):
+    grads = _scan_backward_op(*ctx.saved_tensors, dy, ctx.delta_softplus)
+    return (*grads, None)
+
+
+_scan_op.register_autograd(_scan_backward, setup_context=_scan_setup_context)
+
+
 def selective_scan(u, delta, A, B, C, D, delta_bias, delta_softplus=True):
-    """The one entry the model calls. Arguments as in the module docstring; returns y (b, d, l)."""
-    return selective_scan_ref(u, delta, A, B, C, D, delta_bias, delta_softplus)
+    """The one entry the model calls. Arguments as in the module docstring; returns y (b, d, l).
+
+    CUDA tensors run the fused kernels of scan_cuda.cu (built on first use), others the reference;
+    MAMBAVISION_SCAN=ref or =cuda forces one path. The kernels take u, delta, B, C in float32,
+    float16 or bfloat16 and d_state up to 16; anything else runs the reference.
+    """
+    mode = _scan_mode()
+    if mode == "cuda" and not (u.is_cuda and _kernel_fits(u, A)):
+        raise ValueError(f"MAMBAVISION_SCAN=cuda needs CUDA tensors in float32/float16/bfloat16 and d_state <= "
+                         f"{_KERNEL_MAX_STATE}; got {u.dtype} on {u.device}, d_state {A.shape[1]}: unset it to "
+                         "run the reference")
+    if mode == "ref" or not (u.is_cuda and _kernel_fits(u, A)):
+        return selective_scan_ref(u, delta, A, B, C, D, delta_bias, delta_softplus)
+    return _scan_op(u, delta, A, B, C, D, delta_bias, delta_softplus)
+
+
+# ---------------------------------------------------------------------------------------------
+# python scan.py --bench: kernel against reference at MambaVision's shapes, and the bytes floor.
+
+BENCH_SHAPES = (  # name, batch, d (channels of the scan = half the level width), l (window tokens), n
+    ("T stage 3", 128, 160, 196, 8),
+    ("T stage 4", 128, 320, 49, 8),
+    ("B stage 3", 128, 256, 196, 8),
+    ("L2-512 stage 3", 128, 392, 1024, 8),
+)
+
+
+def _bench_inputs(batch, d, l, n, dtype, device="cuda"):
+    """Fresh random inputs at MambaVision-like scales (never zeros)."""
+    u = torch.randn(batch, d, l, device=device).to(dtype)
+    delta = (0.5 * torch.randn(batch, d, l, device=device) - 1.0).to(dtype)
+    A = -torch.arange(1, n + 1, device=device, dtype=torch.float32).repeat(d, 1) * torch.rand(d, 1, device=device).add(0.5)
+    B, C = (torch.randn(batch, n, l, device=device).to(dtype) for _ in range(2))
+    D = torch.randn(d, device=device)
+    delta_bias = 0.5 * torch.randn(d, device=device)
+    return u, delta, A, B, C, D, delta_bias
+
+
+def _graph_time_us(fn, sets, reps=20):
+    """Median time of one call of fn(*inputs), from CUDA-graph replays that cycle over `sets`
+    (several input sets, so that repeated calls do not just reread the L2 cache)."""
+    for args in sets:  # warm-up outside the graph (build, allocator)
+        fn(*args)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for args in sets:
+            fn(*args)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(reps):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1000 / len(sets))
+    return sorted(times)[len(times) // 2]
+
+
+def _eager_time_us(fn, args, reps=3):
+    fn(*args)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn(*args)
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e6)
+    return sorted(times)[len(times) // 2]
+
+
+def _copy_bandwidth():
+    """Device-to-device copy rate in bytes/s, counting bytes read plus bytes written."""
+    src = torch.randn(256 * 2**20, device="cuda")  # 1 GiB
+    dst = torch.empty_like(src)
+    us = _graph_time_us(lambda: dst.copy_(src), [()], reps=10)
+    return 2 * src.numel() * 4 / (us * 1e-6)
+
+
+def _min_bytes(batch, d, l, n, dtype):
+    """Fewest bytes each pass must move: every input read once, every output written once."""
+    es = torch.finfo(dtype).bits // 8
+    rows, states = batch * d * l * es, batch * n * l * es  # one (b, d, l) tensor, one (b, n, l) tensor
+    params = d * (n + 2) * 4
+    fwd = 3 * rows + 2 * states + params                    # u, delta, B, C in; y out
+    bwd = 5 * rows + 4 * states + 2 * params                # u, delta, dy, B, C in; du, ddelta, dB, dC, dA.. out
+    return fwd, fwd + bwd
+
+
+def bench():
+    if not torch.cuda.is_available():
+        sys.exit("scan.py --bench needs a CUDA GPU")
+    os.environ["MAMBAVISION_SCAN"] = "cuda"  # fail loudly instead of timing the reference twice
+    t0 = time.perf_counter()
+    _kernels_ready(required=True)
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
+          f"kernel build/load {time.perf_counter() - t0:.1f} s")
+    copy_bw = _copy_bandwidth()
+    print(f"device-to-device copy: {copy_bw / 1e12:.2f} TB/s (read + write)")
+    fwd_op, bwd_op = torch.ops.mambavision.selective_scan, torch.ops.mambavision.selective_scan_backward
+
+    def kernel_fwd_bwd(u, delta, A, B, C, D, delta_bias, dy):
+        fwd_op(u, delta, A, B, C, D, delta_bias, True)
+        bwd_op(u, delta, A, B, C, D, delta_bias, dy, True)
+
+    def ref_fwd_bwd(u, delta, A, B, C, D, delta_bias, dy):
+        inputs = [t.detach().requires_grad_() for t in (u, delta, A, B, C, D, delta_bias)]
+        torch.autograd.grad(selective_scan_ref(*inputs), inputs, dy)
+
+    rows = []
+    for name, batch, d, l, n in BENCH_SHAPES:
+        for dtype in (torch.float32, torch.bfloat16):
+            sets = []
+            for _ in range(3):
+                inputs = _bench_inputs(batch, d, l, n, dtype)
+                sets.append((*inputs, torch.randn(batch, d, l, device="cuda").to(dtype)))
+            fwd = _graph_time_us(lambda *a: fwd_op(*a[:7], True), sets)
+            both = _graph_time_us(kernel_fwd_bwd, sets)
+            with torch.no_grad():
+                ref_fwd = _eager_time_us(lambda *a: selective_scan_ref(*a[:7]), sets[0])
+            ref_both = _eager_time_us(ref_fwd_bwd, sets[0])
+            del sets
+            fwd_bytes, both_bytes = _min_bytes(batch, d, l, n, dtype)
+            rows.append((name, batch, d, l, n, str(dtype).replace("torch.", ""), fwd, both, ref_fwd, ref_both,
+                         both_bytes / 1e6, both_bytes / (both * 1e-6) / copy_bw))
+            torch.cuda.empty_cache()
+    print("\n| shape (batch, d, l, n) | dtype | kernel fwd us | kernel fwd+bwd us | ref fwd us | ref fwd+bwd us "
+          "| fwd+bwd min MB | floor us | fwd+bwd / copy bw |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, batch, d, l, n, dt, fwd, both, ref_fwd, ref_both, mb, frac in rows:
+        floor = mb * 1e6 / copy_bw * 1e6
+        print(f"| {name} ({batch}, {d}, {l}, {n}) | {dt} | {fwd:.1f} | {both:.1f} | {ref_fwd:.0f} | {ref_both:.0f} "
+              f"| {mb:.1f} | {floor:.1f} | {100 * frac:.0f}% |")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="MambaVision's selective scan: CUDA kernels and reference.")
+    parser.add_argument("--bench", action="store_true",
+                        help="time the CUDA kernels against the reference at MambaVision's shapes (needs a GPU)")
+    args = parser.parse_args(argv)
+    if not args.bench:
+        parser.error("nothing to do: pass --bench")
+    bench()
+
+
+if __name__ == "__main__":
+    main()
