@@ -167,7 +167,7 @@ def test_kernel_matches_reference(monkeypatch, l, n, dtype):
 def test_kernel_odd_state_counts_and_no_softplus(monkeypatch, n):
     monkeypatch.setenv("MAMBAVISION_SCAN", "cuda")
     inputs, dy = make_inputs(2, 33, 50, n, device="cuda", seed=n)
-    inputs[1] = inputs[1].abs() * 0.1  # without softplus, keep the step sizes positive
+    inputs[1], inputs[6] = inputs[1].abs() * 0.1, inputs[6].abs()  # without softplus, keep dt positive
     want_y, want = ref_grads(inputs, dy, delta_softplus=False)
     y, grads = kernel_run(inputs, dy, delta_softplus=False)
     assert rel_err(y, want_y) < 2e-5
