@@ -348,9 +348,17 @@ def measure_throughput(model, batch_size, img_size, device, dtype, warmup, iters
     return batch_size / statistics.median(times), peak
 
 
-def scan_path():
-    """Which selective-scan implementation the model calls (scan.py decides at import)."""
-    return getattr(scan, "BACKEND", "reference (PyTorch loop)")
+def scan_path(device):
+    """Which selective scan the model ran: scan.py's CUDA kernel or the PyTorch reference.
+
+    Read after a forward pass, since scan.py builds its kernel on first use.
+    """
+    if device.type != "cuda" or os.environ.get("MAMBAVISION_SCAN") == "ref":
+        return "reference (PyTorch loop)"
+    build = getattr(scan, "_build", {})  # scan.py's record of its one build attempt
+    if build.get("lib") is not None:
+        return "CUDA kernel (scan_cuda.cu)"
+    return f"reference (PyTorch loop; kernel unavailable: {build.get('error')})"
 
 
 def throughput_row(variant, args, device):
@@ -371,13 +379,14 @@ def throughput_row(variant, args, device):
             "peak_mem_gib": None if peak is None else round(peak, 2), "img_size": img_size,
             "batch_size": args.batch_size, "dtype": args.dtype, "compile": args.compile,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "scan": scan_path()}
+            "scan": scan_path(device)}
 
 
 def run_throughput(args, device):
     variants = IMAGENET_1K_VARIANTS if args.all else (args.variant,)
-    print(f"throughput on {device}: batch {args.batch_size}, {args.dtype}, warm-up {args.warmup}, "
-          f"{args.iters} timed batches (median), compile {args.compile}, scan: {scan_path()}")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"throughput on {name}: batch {args.batch_size}, {args.dtype}, warm-up {args.warmup}, "
+          f"{args.iters} timed batches (median), compile {args.compile}")
     print("| model | params (M) | GFLOPs | images/s | peak memory (GiB) |")
     print("|---|---|---|---|---|")
     rows = []
@@ -387,6 +396,7 @@ def run_throughput(args, device):
         print(f"| MambaVision-{variant.upper()} | {row['params_m']:.2f} | {row['gflops']:.2f} | "
               f"{row['images_per_s']:.0f} | {peak} |", flush=True)
         rows.append(row)
+    print(f"selective scan: {rows[-1]['scan']}")
     for row in rows:
         print(json.dumps(row))
     return rows
