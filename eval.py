@@ -460,6 +460,8 @@ def setup(args):
             raise EvalError("--device cuda but no GPU is visible; use --device cpu")
         if world_size > 1:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        elif device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
     if world_size > 1:
         if args.throughput:
