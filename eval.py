@@ -10,8 +10,8 @@ Accuracy uses the official preprocessing of the checkpoint's variant (data.eval_
 side to floor(size / crop_pct), bicubic, centre crop; 'squash' for the 512-pixel models), bf16
 autocast on a GPU and float32 on the CPU, channels_last. It prints top-1, top-5 and the mean loss,
 then the same as one JSON line. Throughput follows the paper: eval mode, no grad, channels_last,
-warm-up, then many timed batches, each closed by a device sync; images/s is the batch size over the
-median batch time.
+warm-up, then many timed batches (CUDA events, read after a device sync); images/s is the batch
+size over the median batch time.
 
 Checkpoints are read with torch.load(weights_only=True), which refuses arbitrary pickled objects;
 only argparse.Namespace (the training arguments the official .pth.tar files carry) is allowed besides
@@ -290,12 +290,18 @@ def run_accuracy(args, device, rank, world_size):
               f"{args.dtype}, {world_size} process(es)")
     start = time.perf_counter()
     sums = evaluate(model, loader, device, dtype, progress=rank == 0)
+    # ImageFolder stands the next readable image in for an unreadable one: count those too
+    unreadable = torch.tensor([float(dataset.num_bad)], dtype=torch.float64, device=device)
+    sums = torch.cat([sums, unreadable])
     if world_size > 1:
         dist.all_reduce(sums)  # every rank's sums: exact totals, each image counted once
     result = {"checkpoint": args.checkpoint, "variant": info["variant"], "weights": info["weights"],
-              **metrics(sums), "img_size": img_size, "crop_pct": crop_pct, "crop_mode": crop_mode,
-              "dtype": args.dtype, "world_size": world_size,
-              "seconds": round(time.perf_counter() - start, 2)}
+              **metrics(sums[:4]), "unreadable": int(sums[4]), "img_size": img_size,
+              "crop_pct": crop_pct, "crop_mode": crop_mode, "dtype": args.dtype,
+              "world_size": world_size, "seconds": round(time.perf_counter() - start, 2)}
+    if rank == 0 and result["unreadable"]:
+        print(f"warning: {result['unreadable']} unreadable image(s) in {val_dir} were replaced by their "
+              "neighbours, so these numbers are not exact: fix or remove those files")
     if rank == 0:
         print(f"top-1 {result['top1']:.3f}%  top-5 {result['top5']:.3f}%  loss {result['loss']:.4f}  "
               f"({result['images']} images)")

@@ -6,6 +6,7 @@ no channels_last, loss from log-softmax and top-k from the rank of the true clas
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -121,7 +122,7 @@ def test_our_checkpoint_uses_ema_and_matches_reference(trained, capsys):
     assert ref_ema["loss"] != pytest.approx(ref_raw["loss"], rel=1e-3)  # the two are told apart
 
     code, result, out, _ = run_main([trained["path"], "--workers", "0", "--batch-size", "4"], capsys)
-    assert code == 0 and result["weights"] == "ema"
+    assert code == 0 and result["weights"] == "ema" and result["unreadable"] == 0
     assert (result["variant"], result["img_size"], result["crop_pct"], result["dtype"]) == \
         ("t", IMG_SIZE, 1.0, "fp32")
     assert "top-1" in out
@@ -149,6 +150,17 @@ def test_official_format_gives_the_same_accuracy(trained, tiny_variants, capsys)
     code, result, _, _ = run_main([path, "--data-dir", root, "--workers", "0"], capsys)
     assert code == 0 and (result["variant"], result["img_size"]) == ("tiny_64", 64)
     assert_same(result, reference(ckpt["model"], ckpt["model_args"], root, img_size=64))
+
+
+def test_unreadable_images_are_reported(trained, capsys, tmp_path):
+    root = str(tmp_path / "demo")
+    shutil.copytree(trained["root"], root)
+    bad = data.ImageFolder(os.path.join(root, "val")).samples[0][0]
+    with open(bad, "wb") as f:
+        f.write(b"not a JPEG")
+    code, result, out, _ = run_main([trained["path"], "--data-dir", root, "--workers", "0"], capsys)
+    assert code == 0 and result["unreadable"] == 1 and result["images"] == 19
+    assert "not exact" in out
 
 
 def test_pickled_object_is_refused_without_running_it(trained):
