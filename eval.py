@@ -1,6 +1,6 @@
 """Evaluate MambaVision: accuracy on a validation folder, or throughput, parameters and FLOPs.
 
-    python eval.py runs/t/ckpt.pt                        # our checkpoint: EMA weights, data dir from its config
+    python eval.py runs/t/ckpt.pt                        # ours: EMA weights, data dir from its config
     python eval.py mambavision_tiny_1k.pth.tar --data-dir /data/imagenet      # an official release
     torchrun --nproc_per_node 8 eval.py ckpt.pt          # several GPUs; every image is counted once
     python eval.py --throughput --variant t --batch-size 128 --dtype fp16

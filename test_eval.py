@@ -134,6 +134,24 @@ def test_our_checkpoint_uses_ema_and_matches_reference(trained, capsys):
     assert_same(result, ref_raw)
 
 
+def test_train_py_checkpoint_gives_the_numbers_train_py_logged(trained, capsys):
+    out_dir = str(trained["tmp"] / "run")
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "--variant", "t", "--data-dir",
+                           trained["root"], "--output-dir", out_dir, "--model-overrides",
+                           json.dumps({k: TINY[k] for k in ("depths", "dim", "in_dim")}), "--window-size",
+                           *map(str, TINY["window_size"]), "--img-size", str(IMG_SIZE), "--batch-size", "8",
+                           "--workers", "0", "--epochs", "1", "--warmup-epochs", "0", "--cooldown-epochs", "0",
+                           "--ema-decay", "0.5"], capture_output=True, text=True, env=ONE_THREAD, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        logged = json.loads(f.readlines()[-1])
+    path = os.path.join(out_dir, "last.pt")
+    for flags, top1, top5 in (([], "ema_top1", "ema_top5"), (["--no-ema"], "top1", "top5")):
+        code, result, _, _ = run_main([path, "--workers", "0", *flags], capsys)
+        assert code == 0 and result["images"] == 19
+        assert (result["top1"], result["top5"]) == pytest.approx((logged[top1], logged[top5]), abs=1e-9)
+
+
 def test_official_format_gives_the_same_accuracy(trained, tiny_variants, capsys):
     ckpt, root = trained["ckpt"], trained["root"]
     path = str(trained["tmp"] / "official.pth.tar")
