@@ -423,7 +423,7 @@ def demo_image(label, rng, size=72):
     either direction, so a horizontal flip keeps it too.
     """
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)  # (size, size) each
-    f = rng.uniform(1 / 14, 1 / 6)  # spatial frequency, cycles per pixel
+    f = rng.uniform(1 / 24, 1 / 12) * 72 / size  # 3 to 6 periods across: coarse enough for 64 px
     phase = rng.uniform(0, 2 * np.pi)
     wave = lambda t: np.sin(2 * np.pi * f * t + phase)  # noqa: E731
     name = DEMO_CLASSES[label]
@@ -445,8 +445,9 @@ def demo_image(label, rng, size=72):
     elif name == "grid":
         m = (np.abs(np.sin(np.pi * f * xx + phase)) < 0.3) | (np.abs(np.sin(np.pi * f * yy)) < 0.3)
     elif name == "blocks":
-        cells = rng.integers(0, 2, (size // 6 + 1, size // 6 + 1))
-        m = np.kron(cells, np.ones((6, 6)))[:size, :size]
+        cell = max(size // 6, 1)
+        cells = rng.integers(0, 2, (size // cell + 1, size // cell + 1))
+        m = np.kron(cells, np.ones((cell, cell)))[:size, :size]
     else:  # gradient: a linear ramp along a random direction
         angle = rng.uniform(0, 2 * np.pi)
         t = np.cos(angle) * xx + np.sin(angle) * yy
@@ -459,10 +460,10 @@ def demo_image(label, rng, size=72):
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def make_demo_dataset(root, train_per_class=120, val_per_class=30, seed=0):
+def make_demo_dataset(root, train_per_class=120, val_per_class=30, seed=0, image_size=72):
     """Write (once; cached) the demo set as real JPEG files in `root/{train,val}/<class>/`; returns root.
 
-    Ten texture classes (DEMO_CLASSES), 72 x 72 pixels, 1,200 train and 300 val images. It is built
+    Ten texture classes (DEMO_CLASSES), by default 72 x 72 pixels, 1,200 train and 300 val images. It is built
     in a temporary folder and renamed into place, so concurrent processes never see half of it.
     """
     if os.path.isfile(os.path.join(root, "COMPLETE")):
@@ -474,7 +475,7 @@ def make_demo_dataset(root, train_per_class=120, val_per_class=30, seed=0):
             folder = os.path.join(tmp, split, name)
             os.makedirs(folder, exist_ok=True)
             for k in range(per_class):
-                Image.fromarray(demo_image(label, rng)).save(
+                Image.fromarray(demo_image(label, rng, image_size)).save(
                     os.path.join(folder, f"{name}_{k:04d}.JPEG"), quality=90)
     with open(os.path.join(tmp, "COMPLETE"), "w") as f:
         f.write("demo dataset written by data.make_demo_dataset\n")

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 
@@ -44,8 +45,8 @@ COMMON = dict(epochs=320, cooldown_epochs=10, batch_size=128, lr=5e-3, warmup_lr
 # With no --data-dir: the built-in demo set (10 texture classes of 72 px JPEGs), sized to run on a
 # 2-core CPU in minutes. Small windows keep levels 2 and 3 unpadded at 64 px (64 / 16 = 4, 64 / 32
 # = 2); window size owns no weights, so the network has exactly the variant's parameters.
-DEMO = dict(epochs=8, cooldown_epochs=1, warmup_epochs=1, batch_size=32, img_size=64,
-            window_size=(8, 8, 4, 2), ema_decay=0.99, workers=1)
+DEMO = dict(epochs=10, cooldown_epochs=1, warmup_epochs=1, batch_size=32, img_size=64,
+            window_size=(8, 8, 4, 2), ema_decay=0.98, workers=0)
 DEMO_DIR = os.path.join("data", "demo")
 
 
@@ -325,6 +326,16 @@ def save_atomic(obj, path):
     os.replace(tmp, path)
 
 
+def link_atomic(src, dst):
+    """dst becomes another name of src's file (src is later replaced, never rewritten in place)."""
+    tmp = f"{dst}.tmp-{os.getpid()}"
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
 def load_checkpoint(path):
     """torch.load(weights_only=True) with a clear error for a missing, corrupt or foreign file."""
     try:
@@ -458,12 +469,13 @@ def benchmark(args, device, log):
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
     labels = torch.randint(0, 1000, (args.batch_size,), device=device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    use_mesa = ema is not None and args.mesa > 0  # MESA's extra EMA forward, as late in training
 
     def run(n):
         for i in range(n):
             xb = x.clone().contiguous(memory_format=torch.channels_last)
             train_step(step_model, ema, optimizer, scaler, xb, labels, random.Random(i), args, 1000,
-                       args.mesa > 0, autocast)
+                       use_mesa, autocast)
         sync()
 
     run(10)  # warm-up: allocator, cuDNN autotuning, compilation
@@ -474,7 +486,7 @@ def benchmark(args, device, log):
     seconds = time.time() - t0
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     log(f"benchmark: variant {args.variant}, batch {args.batch_size}, {args.img_size} px, amp {args.amp}, "
-        f"opt {args.opt}, EMA {'on' if ema else 'off'}, MESA {'on' if args.mesa > 0 else 'off'}, "
+        f"opt {args.opt}, EMA {'on' if ema else 'off'}, MESA {'on' if use_mesa else 'off'}, "
         f"compile {args.compile}: {args.benchmark_steps * args.batch_size / seconds:.0f} images/s, "
         f"{1000 * seconds / args.benchmark_steps:.1f} ms/step, peak memory {peak:.2f} GiB")
 
@@ -579,9 +591,13 @@ def run(args, rank, world, device):
     torch.manual_seed(args.seed)
     if ckpt is not None:
         old = ckpt["config"]
-        if (old.get("world_size"), old.get("batch_size")) != (world, args.batch_size):
-            raise UsageError(f"{resume} comes from {old.get('world_size')} processes x batch "
-                             f"{old.get('batch_size')}; resume with the same, or use a new --output-dir")
+        ours = dict(variant=args.variant, world_size=world, batch_size=args.batch_size,
+                    steps_per_epoch=steps_per_epoch, num_classes=num_classes)
+        theirs = dict(old, num_classes=ckpt["model_args"].get("num_classes"))
+        differ = [f"{k} {theirs.get(k)} (now {v})" for k, v in ours.items() if theirs.get(k) != v]
+        if differ:  # the mid-epoch position and the schedule are counted in this run's steps
+            raise UsageError(f"{resume} comes from a different run: {', '.join(differ)}; resume with "
+                             f"the same settings, or use a new --output-dir")
         model = MambaVision(**ckpt["model_args"])
     else:
         model = build_model(args.variant, num_classes, drop_path_rate=args.drop_path_rate, **model_overrides(args))
@@ -591,8 +607,12 @@ def run(args, rank, world, device):
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     state = dict(epoch=0, step=0, best_top1=0.0, bad_steps=0)
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        try:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise UsageError(f"{resume} does not fit its own model_args ({str(e).splitlines()[0][:100]}): "
+                             f"delete it or pass another --resume") from None
         if ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         state.update(epoch=ckpt["epoch"], step=ckpt["step"], best_top1=ckpt["best_top1"])
@@ -605,7 +625,7 @@ def run(args, rank, world, device):
     step_model = torch.compile(ddp_model) if args.compile else ddp_model
 
     config = {k: v for k, v in vars(args).items()}
-    log("configuration:\n" + json.dumps(config, indent=1))
+    log("configuration:\n" + "\n".join(f"  {k}: {v}" for k, v in config.items()))
     log(f"model {args.variant}: {n_params / 1e6:.2f} M parameters, {num_classes} classes; "
         f"{len(train_set)} train / {len(val_set)} val images; {world} process(es) on {device.type}; "
         f"{steps_per_epoch} steps per epoch")
@@ -640,8 +660,10 @@ def run(args, rank, world, device):
                     optimizer=optimizer.state_dict(), scaler=scaler.state_dict() if scaler.is_enabled() else None,
                     epoch=state["epoch"], step=state["step"], config=plain(config),
                     best_top1=state["best_top1"], rng=rngs)
-        for n in [name] + ([also] if also else []):
-            save_atomic(ckpt, os.path.join(args.output_dir, n))
+        path = os.path.join(args.output_dir, name)
+        save_atomic(ckpt, path)
+        if also:  # the same bytes under a second name: a hard link, or a copy where links fail
+            link_atomic(path, os.path.join(args.output_dir, also))
 
     ctx = dict(model=step_model, optimizer=optimizer, scaler=scaler, device=device, rank=rank, log=log,
                num_classes=num_classes, steps_per_epoch=steps_per_epoch, autocast=make_autocast(args, device),
