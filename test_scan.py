@@ -145,7 +145,7 @@ TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_kernel_matches_reference(monkeypatch, l, n, dtype):
     monkeypatch.setenv("MAMBAVISION_SCAN", "cuda")
-    # 300 channels: two blocks of 5 warps, the last warp partly idle; batch 3
+    # 300 channels: 5 blocks of 64 channels, the last one partly idle; batch 3
     inputs, dy = make_inputs(3, 300, l, n, dtype=dtype, device="cuda", seed=l * n)
     want_y, want = ref_grads(inputs, dy)
     y, grads = kernel_run(inputs, dy)
