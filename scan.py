@@ -131,7 +131,7 @@ def _build_extension():
     cache = Path(os.environ.get("MAMBAVISION_CACHE") or Path.home() / ".cache" / "mambavision_scan") / name
     cache.mkdir(parents=True, exist_ok=True)
     if not (cache / f"{name}.so").exists():
-        print(f"MambaVision: building the selective-scan kernel for sm_{arch} in {cache} (once, about 20 s)",
+        print(f"MambaVision: building the selective-scan kernel for sm_{arch} in {cache} (once, about 15 s)",
               file=sys.stderr, flush=True)
     path = cpp_extension.load(
         name=name,
