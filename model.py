@@ -87,8 +87,8 @@ class DropPath(nn.Module):
         if self.p == 0.0 or not self.training:
             return x
         keep = 1.0 - self.p
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-        return x * mask / keep
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep).div_(keep)
+        return x * mask  # one pass over x: the 1/keep scale is folded into the small mask
 
 
 class PatchEmbed(nn.Module):
@@ -192,6 +192,18 @@ class Attention(nn.Module):
         return self.proj(x.transpose(1, 2).reshape(B, L, C))
 
 
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm that returns its input's dtype. Under autocast torch's returns float32, which
+    the next Linear casts straight back to bf16: a wasted pass over every token. The statistics are
+    still computed in float32 inside the kernel."""
+
+    def forward(self, x):
+        if x.dtype not in (torch.float16, torch.bfloat16):
+            return super().forward(x)
+        with torch.autocast(x.device.type, enabled=False):
+            return F.layer_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
+
+
 class Mlp(nn.Module):
     def __init__(self, dim, hidden):
         super().__init__()
@@ -211,17 +223,21 @@ class Block(nn.Module):
         if layer_scale is not None:
             self.gamma_1 = nn.Parameter(layer_scale * torch.ones(dim))
             self.gamma_2 = nn.Parameter(layer_scale * torch.ones(dim))
-        else:
-            self.gamma_1 = self.gamma_2 = 1.0
-        self.norm1 = nn.LayerNorm(dim, eps=1e-5)
+        else:  # no layer scale: skip the multiply (the official code multiplies by 1)
+            self.gamma_1 = self.gamma_2 = None
+        self.norm1 = LayerNorm(dim, eps=1e-5)
         self.mixer = Attention(dim, num_heads) if attention else MambaVisionMixer(dim)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-5)
+        self.norm2 = LayerNorm(dim, eps=1e-5)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x):  # (B, L, C)
-        x = x + self.drop_path(self.gamma_1 * self.mixer(self.norm1(x)))
-        return x + self.drop_path(self.gamma_2 * self.mlp(self.norm2(x)))
+        x = x + self.drop_path(layer_scale(self.gamma_1, self.mixer(self.norm1(x))))
+        return x + self.drop_path(layer_scale(self.gamma_2, self.mlp(self.norm2(x))))
+
+
+def layer_scale(gamma, x):
+    return x if gamma is None else gamma * x
 
 
 def window_partition(x, ws):
