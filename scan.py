@@ -286,6 +286,8 @@ def selective_scan(u, delta, A, B, C, D, delta_bias, delta_softplus=True):
     MAMBAVISION_SCAN=ref or =cuda forces one path. The kernels take u, delta, B, C in float32,
     float16 or bfloat16 and d_state up to 16; anything else runs the reference.
     """
+    if u.device.type == "meta":  # shapes only (FLOP counts, shape checks): the op's fake impl
+        return _scan_op(u, delta, A, B, C, D, delta_bias, delta_softplus)
     mode = _scan_mode()
     if mode == "cuda" and not (u.is_cuda and _kernel_fits(u, A)):
         raise ValueError(f"MAMBAVISION_SCAN=cuda needs CUDA tensors in float32/float16/bfloat16 and d_state <= "
