@@ -229,3 +229,14 @@ def test_bad_input_gives_one_line_and_exit_2(case, flags, message, demo_dir, tmp
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+
+
+def test_resume_from_a_different_run_is_refused(demo_dir, tmp_path, capsys):
+    argv = ["--data-dir", demo_dir, "--output-dir", str(tmp_path), *TINY_FLAGS, "--max-steps", "1"]
+    train.main(argv)
+    assert load(tmp_path / "last.pt")["step"] == 1
+    with pytest.raises(SystemExit) as e:
+        train.main(argv + ["--batch-size", "4"])  # the same folder, another batch size
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "comes from a different run: batch_size 3 (now 4)" in err[0], err
