@@ -235,6 +235,7 @@ def test_resume_from_a_different_run_is_refused(demo_dir, tmp_path, capsys):
     argv = ["--data-dir", demo_dir, "--output-dir", str(tmp_path), *TINY_FLAGS, "--max-steps", "1"]
     train.main(argv)
     assert load(tmp_path / "last.pt")["step"] == 1
+    capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         train.main(argv + ["--batch-size", "4"])  # the same folder, another batch size
     assert e.value.code == 2
