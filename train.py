@@ -345,7 +345,8 @@ def load_checkpoint(path):
     except Exception as e:  # torch raises many types for a truncated or foreign file
         raise UsageError(f"cannot read checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0][:120]}): "
                          f"delete it or pass another --resume") from None
-    missing = {"model", "model_args", "optimizer", "epoch", "step", "config"} - set(ckpt if isinstance(ckpt, dict) else {})
+    needed = {"model", "model_args", "optimizer", "epoch", "step", "config"}
+    missing = needed - set(ckpt if isinstance(ckpt, dict) else {})
     if missing:
         raise UsageError(f"{path} is not a train.py checkpoint (no {', '.join(sorted(missing))}): "
                          f"pass another --resume or --output-dir")
