@@ -92,6 +92,8 @@ class ImageFolder(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         index, seed = key if isinstance(key, tuple) else (key, None)
+        if not 0 <= index < len(self.samples):
+            raise IndexError(f"sample {index} of {len(self.samples)}")  # also ends plain iteration
         for attempt in range(len(self.samples)):
             i = (index + attempt) % len(self.samples)
             path, label = self.samples[i]
