@@ -156,22 +156,22 @@ class MambaVisionMixer(nn.Module):
         self.conv1d_x = nn.Conv1d(d_half, d_half, d_conv, padding=pad, groups=d_half, bias=False)
         self.conv1d_z = nn.Conv1d(d_half, d_half, d_conv, padding=pad, groups=d_half, bias=False)
 
-    def forward(self, x):  # (B, L, C), B = images x windows, L = ws * ws tokens
-        xz = self.in_proj(x).transpose(1, 2)                   # (B, C, L)
-        x, z = xz.chunk(2, dim=1)                              # (B, C/2, L) each
+    def forward(self, x):  # (b, l, c): b = images x windows, l = ws * ws tokens, c channels
+        xz = self.in_proj(x).transpose(1, 2)                   # (b, c, l)
+        x, z = xz.chunk(2, dim=1)                              # (b, c/2, l) each
         x = F.silu(self.conv1d_x(x))
         z = F.silu(self.conv1d_z(z))
-        x_dbl = self.x_proj(x.transpose(1, 2))                 # (B, L, R + 2N)
+        x_dbl = self.x_proj(x.transpose(1, 2))                 # (b, l, R + 2N)
         dt, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = self.dt_proj(dt).transpose(1, 2)                  # (B, C/2, L), bias added here...
-        B = B.transpose(1, 2).contiguous()                     # (B, N, L)
-        C = C.transpose(1, 2).contiguous()                     # (B, N, L)
+        dt = self.dt_proj(dt).transpose(1, 2)                  # (b, c/2, l), bias added here...
+        B = B.transpose(1, 2).contiguous()                     # (b, N, l)  the SSM's input matrix
+        C = C.transpose(1, 2).contiguous()                     # (b, N, l)  and output matrix
         # ...and the official code passes the same bias again as the scan's delta_bias, so the step
         # is softplus(dt_proj(dt) + bias): the bias counts twice. A, D and that bias go in float32.
-        A = -torch.exp(self.A_log.float())                     # (C/2, N)
-        y = selective_scan(x.contiguous(), dt.contiguous(), A, B, C, self.D.float(),
-                           self.dt_proj.bias.float(), delta_softplus=True)  # (B, C/2, L)
-        y = torch.cat([y, z], dim=1).transpose(1, 2)           # (B, L, C)
+        A = -torch.exp(self.A_log.float())                     # (c/2, N)
+        y = selective_scan(x, dt.contiguous(), A, B, C, self.D.float(),
+                           self.dt_proj.bias.float(), delta_softplus=True)  # (b, c/2, l)
+        y = torch.cat([y, z], dim=1).transpose(1, 2)           # (b, l, c)
         return self.out_proj(y)
 
 
