@@ -353,18 +353,30 @@ def mixup_cutmix(x, labels, num_classes, rng, mixup_alpha=0.8, cutmix_alpha=1.0,
 class EpochSampler(torch.utils.data.Sampler):
     """This rank's share of one epoch, as keys `(sample index, sample seed)`; resumable mid-epoch.
 
-    Training (shuffle=True): the epoch's order is a permutation drawn from (seed, epoch), padded to
-    a multiple of `num_replicas`, rank r taking every num_replicas-th index from r (as
-    DistributedSampler). Each position also gets its own augmentation seed from (seed, epoch, rank,
-    position), so a sample's augmentation does not depend on the worker count or scheduling, and
-    `set_position(k)` skips the first k samples after a mid-epoch resume.
+    Training (shuffle=True): the epoch's order is a permutation drawn from (seed, epoch), read in
+    blocks of num_replicas x batch_size (one micro-batch per rank); rank r takes the r-th
+    batch_size-long chunk of every block. So an optimizer step of G = num_replicas x batch_size x
+    accum_steps images always takes the next G positions of the permutation, whatever the split of
+    G into ranks, per-rank batches and accumulation steps: after k steps exactly k x G positions
+    are used, on 1, 2 or 4 ranks alike (that is what lets a run resume on another world size), and
+    1 rank accumulating 2 micro-batches sees the very micro-batches 2 ranks see. An epoch is
+    n // G whole steps; the n % G leftover positions (different images each epoch) are skipped.
+    Each position p gets its own augmentation seed from (seed, epoch, p), so a sample's
+    augmentation depends on neither the worker count nor the world size. `set_position(k)` skips
+    this rank's first k samples after a mid-epoch resume.
     Evaluation (shuffle=False): rank r takes indices r, r + num_replicas, ... with no padding, so
     every image counts exactly once when the ranks' sums are added up.
     """
 
-    def __init__(self, n, num_replicas=1, rank=0, shuffle=True, seed=0):
+    def __init__(self, n, num_replicas=1, rank=0, shuffle=True, seed=0, batch_size=1, accum_steps=1):
         self.n, self.num_replicas, self.rank, self.shuffle, self.seed = n, num_replicas, rank, shuffle, seed
+        self.batch_size, self.accum_steps = batch_size, accum_steps
         self.epoch, self.start = 0, 0
+
+    @property
+    def steps_per_epoch(self):
+        """Whole optimizer steps of num_replicas x batch_size x accum_steps samples in one epoch."""
+        return self.n // (self.num_replicas * self.batch_size * self.accum_steps)
 
     def set_epoch(self, epoch):
         self.epoch, self.start = epoch, 0
@@ -372,24 +384,26 @@ class EpochSampler(torch.utils.data.Sampler):
     def set_position(self, start):
         self.start = start
 
-    def _indices(self):
+    def _positions(self):
+        """This rank's positions in the epoch's permutation, in the order it trains on them."""
         if not self.shuffle:
             return list(range(self.rank, self.n, self.num_replicas))
-        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
-        order += order[:(-self.n) % self.num_replicas]  # pad so every rank gets the same count
-        return order[self.rank::self.num_replicas]
+        block, chunk = self.num_replicas * self.batch_size, self.rank * self.batch_size
+        blocks = self.steps_per_epoch * self.accum_steps
+        return [k * block + chunk + i for k in range(blocks) for i in range(self.batch_size)]
 
     def __len__(self):
-        return len(self._indices()) - self.start
+        return len(self._positions()) - self.start
 
     def __iter__(self):
-        indices = self._indices()
+        positions = self._positions()[self.start:]
         if not self.shuffle:
-            yield from indices[self.start:]
+            yield from positions
             return
-        base = ((self.seed * 1_000_003 + self.epoch) * 1_000_003 + self.rank) * 10_000_019
-        for position in range(self.start, len(indices)):
-            yield indices[position], base + position
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        base = (self.seed * 1_000_003 + self.epoch) * 10_000_019
+        for p in positions:
+            yield order[p], base + p
 
 
 def _seed_worker(worker_id):

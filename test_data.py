@@ -198,12 +198,17 @@ def test_smooth_one_hot():
 # ---------------------------------------------------------------------------------------------- sampling, loaders
 
 def test_epoch_sampler_shards_and_resumes():
-    n, world = 23, 3
-    shards = [list(data.EpochSampler(n, world, r, shuffle=True, seed=5)) for r in range(world)]
-    assert len({len(s) for s in shards}) == 1  # padded: every rank gets the same count
-    assert {i for s in shards for i, _ in s} == set(range(n))
-    assert len({seed for s in shards for _, seed in s}) == sum(len(s) for s in shards)  # distinct sample seeds
-    s = data.EpochSampler(n, world, 1, shuffle=True, seed=5)
+    n, world, batch = 23, 3, 2  # 6 images a step: 3 steps, 5 leftover images
+    shards = [list(data.EpochSampler(n, world, r, shuffle=True, seed=5, batch_size=batch)) for r in range(world)]
+    assert [len(s) for s in shards] == [3 * batch] * world
+    used = [i for s in shards for i, _ in s]
+    assert len(set(used)) == 18  # no image twice in an epoch
+    assert len({seed for s in shards for _, seed in s}) == 18  # distinct sample seeds
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(5)).tolist()  # epoch 0's permutation
+    for k in range(3):  # step k takes positions 6k .. 6k + 5, rank r the r-th pair of them
+        for r in range(world):
+            assert [i for i, _ in shards[r][k * batch:(k + 1) * batch]] == order[6 * k + 2 * r:6 * k + 2 * r + 2]
+    s = data.EpochSampler(n, world, 1, shuffle=True, seed=5, batch_size=batch)
     assert list(s) == shards[1]
     s.set_position(4)
     assert list(s) == shards[1][4:] and len(s) == len(shards[1]) - 4
@@ -211,6 +216,36 @@ def test_epoch_sampler_shards_and_resumes():
     assert list(s) != shards[1]  # a new order each epoch
     evals = [list(data.EpochSampler(n, world, r, shuffle=False)) for r in range(world)]
     assert sorted(i for e in evals for i in e) == list(range(n))  # no padding: each image once
+
+
+def steps_of(world, batch, accum, n=50, seed=5, skip_steps=0):
+    """The keys of every optimizer step of one epoch: [step][rank][micro-step] -> list of keys."""
+    shards = []
+    for r in range(world):
+        s = data.EpochSampler(n, world, r, shuffle=True, seed=seed, batch_size=batch, accum_steps=accum)
+        s.set_epoch(2)
+        s.set_position(skip_steps * batch * accum)
+        shards.append(list(s))
+    steps = len(shards[0]) // (batch * accum)
+    return [[[shards[r][(k * accum + m) * batch:(k * accum + m + 1) * batch] for m in range(accum)]
+             for r in range(world)] for k in range(steps)]
+
+
+def test_epoch_sampler_steps_do_not_depend_on_the_world_size():
+    # global batch 8 split five ways: each step uses the same 8 (image, seed) keys
+    splits = [(1, 8, 1), (2, 4, 1), (4, 2, 1), (1, 4, 2), (2, 2, 2), (1, 2, 4)]
+    per_step = {split: [sorted(key for rank in step for micro in rank for key in micro)
+                        for step in steps_of(*split)] for split in splits}
+    assert len(per_step[(1, 8, 1)]) == 50 // 8
+    assert all(v == per_step[(1, 8, 1)] for v in per_step.values())
+    # 1 rank accumulating 2 micro-batches sees exactly the batches of 2 ranks, in rank order
+    one, two = steps_of(1, 4, 2), steps_of(2, 4, 1)
+    assert all(one[k][0][m] == two[k][m][0] for k in range(len(one)) for m in range(2))
+    # resume after 2 steps on 2 ranks x 4, on 1 rank x 8: every image of the epoch exactly once
+    first = [key for step in steps_of(2, 4, 1)[:2] for rank in step for key in rank[0]]
+    rest = [key for step in steps_of(1, 8, 1, skip_steps=2) for key in step[0][0]]
+    straight = [key for step in steps_of(1, 8, 1) for key in step[0][0]]
+    assert len(rest) == 4 * 8 and sorted(first + rest) == sorted(straight)
 
 
 def test_loader_is_independent_of_worker_count(tmp_path):

@@ -240,4 +240,34 @@ def test_resume_from_a_different_run_is_refused(demo_dir, tmp_path, capsys):
         train.main(argv + ["--batch-size", "4"])  # the same folder, another batch size
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "comes from a different run: batch_size 3 (now 4)" in err[0], err
+    assert len(err) == 1 and "comes from a different run: global batch 3 (now 4)" in err[0], err
+
+
+def test_resume_on_another_world_size_at_the_same_global_batch(demo_dir, tmp_path):
+    # 40 images, global batch 8: 5 steps an epoch. 2 processes x 4 stop mid-epoch 1 (step 7), 1
+    # process x 8 goes on to mid-epoch 2 (step 13), then 2 processes x 4 again to the end (step 15).
+    out = tmp_path / "run"
+    flags = ["--data-dir", demo_dir, "--output-dir", str(out), *TINY_FLAGS]
+    r = run_train(*flags, "--batch-size", "4", "--max-steps", "7", nproc=2)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run_train(*flags, "--batch-size", "8", "--max-steps", "13")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "step 7, 56 images (written by 2 x 4 images a step, now 1 x 8)" in r.stdout
+    ckpt = load(out / "last.pt")
+    config = SimpleNamespace(**ckpt["config"])
+    assert (ckpt["step"], ckpt["epoch"], ckpt["images"], config.world_size) == (13, 2, 13 * 8, 1)
+    assert ckpt["optimizer"]["param_groups"][0]["lr"] == pytest.approx(train.lr_at(12, 5, config))
+    assert len(ckpt["rng"]) == 1
+    r = run_train(*flags, "--batch-size", "4", nproc=2)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "step 13, 104 images (written by 1 x 8 images a step, now 2 x 4)" in r.stdout
+    assert r.stdout.count("weights identical on 2 ranks") == 1  # checked at the end of epoch 2
+    ckpt = load(out / "last.pt")
+    assert (ckpt["step"], ckpt["epoch"], ckpt["images"], len(ckpt["rng"])) == (15, 3, 15 * 8, 2)
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [5, 10, 15]  # one line per epoch, from three runs
+    assert all(math.isfinite(m["train_loss"]) and m["train_loss"] < 3.0 for m in metrics)  # ln 10 = 2.30
+    with pytest.raises(subprocess.CalledProcessError):  # a different global batch is still refused
+        r = run_train(*flags, "--batch-size", "4", "--epochs", "4")
+        r.check_returncode()
+    assert r.returncode == 2 and "global batch 8 (now 4)" in r.stderr

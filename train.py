@@ -5,7 +5,8 @@
     python train.py --variant t --benchmark                                      # time training steps
 
 Plain DistributedDataParallel through torchrun (NCCL on GPUs, gloo on CPU); rank 0 prints and saves.
-Re-running the same command after a kill resumes from <output-dir>/last.pt, mid-epoch included.
+Re-running the same command after a kill resumes from <output-dir>/last.pt, mid-epoch included,
+also on another number of GPUs as long as the global batch (GPUs x --batch-size) is the same.
 Every random choice is a function of (seed, rank, step) or (seed, epoch, sample), so a resumed run
 follows exactly the path of an uninterrupted one (bit-identical on CPU with deterministic kernels).
 """
@@ -338,6 +339,25 @@ def link_atomic(src, dst):
     os.replace(tmp, dst)
 
 
+def global_batch(config):
+    """Images per optimizer step, over all ranks."""
+    return config["world_size"] * config["batch_size"]
+
+
+def check_resumable(ckpt, path, args, steps_per_epoch, num_classes):
+    """A checkpoint resumes this run if it has the same model, data and global batch. The world size
+    and per-rank batch may differ: the schedule counts optimizer steps, and the sampler's position
+    is the number of images used, which is steps x global batch on any world size."""
+    old = ckpt["config"]
+    ours = dict(variant=args.variant, global_batch=global_batch(vars(args)), steps_per_epoch=steps_per_epoch,
+                num_classes=num_classes)
+    theirs = dict(old, global_batch=global_batch(old), num_classes=ckpt["model_args"].get("num_classes"))
+    differ = [f"{k.replace('_', ' ')} {theirs.get(k)} (now {v})" for k, v in ours.items() if theirs.get(k) != v]
+    if differ:
+        raise UsageError(f"{path} comes from a different run: {', '.join(differ)}; resume with the same "
+                         f"settings (global batch = processes x --batch-size), or use a new --output-dir")
+
+
 def load_checkpoint(path):
     """torch.load(weights_only=True) with a clear error for a missing, corrupt or foreign file."""
     try:
@@ -449,6 +469,7 @@ def train_one_epoch(epoch, state, loader, ema, args, ctx):
             if finite:
                 loss_sum, n_steps = loss_sum + loss, n_steps + 1
             images += x.shape[0] * args.world_size
+            state["images"] += x.shape[0] * args.world_size
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", img_s=f"{images / (time.time() - t0):.0f}")
             if ctx["time_to_save"]():
@@ -538,7 +559,8 @@ def build_data(args, rank, world, device):
     if len(train_set) < args.batch_size * world:
         raise data.DataError(f"{len(train_set)} training images is less than one global batch "
                              f"({args.batch_size} x {world}): lower --batch-size")
-    train_sampler = data.EpochSampler(len(train_set), world, rank, shuffle=True, seed=args.seed)
+    train_sampler = data.EpochSampler(len(train_set), world, rank, shuffle=True, seed=args.seed,
+                                      batch_size=args.batch_size)
     val_sampler = data.EpochSampler(len(val_set), world, rank, shuffle=False, seed=args.seed)
     train_loader = data.make_loader(train_set, args.batch_size, train_sampler, args.workers, True, device.type)
     val_loader = data.make_loader(val_set, args.batch_size, val_sampler, args.workers, False, device.type)
@@ -584,7 +606,7 @@ def run(args, rank, world, device):
             f"classes, written once) with the demo settings {DEMO}")
     train_set, val_set, train_sampler, train_loader, val_loader = build_data(args, rank, world, device)
     num_classes = len(train_set.classes)
-    steps_per_epoch = len(train_sampler) // args.batch_size
+    steps_per_epoch = train_sampler.steps_per_epoch
     args.steps_per_epoch = steps_per_epoch
     os.makedirs(args.output_dir, exist_ok=True)
     resume = args.resume or (os.path.join(args.output_dir, "last.pt")
@@ -593,14 +615,7 @@ def run(args, rank, world, device):
 
     torch.manual_seed(args.seed)
     if ckpt is not None:
-        old = ckpt["config"]
-        ours = dict(variant=args.variant, world_size=world, batch_size=args.batch_size,
-                    steps_per_epoch=steps_per_epoch, num_classes=num_classes)
-        theirs = dict(old, num_classes=ckpt["model_args"].get("num_classes"))
-        differ = [f"{k} {theirs.get(k)} (now {v})" for k, v in ours.items() if theirs.get(k) != v]
-        if differ:  # the mid-epoch position and the schedule are counted in this run's steps
-            raise UsageError(f"{resume} comes from a different run: {', '.join(differ)}; resume with "
-                             f"the same settings, or use a new --output-dir")
+        check_resumable(ckpt, resume, args, steps_per_epoch, num_classes)
         model = MambaVision(**ckpt["model_args"])
     else:
         model = build_model(args.variant, num_classes, drop_path_rate=args.drop_path_rate, **model_overrides(args))
@@ -608,7 +623,7 @@ def run(args, rank, world, device):
     n_params = sum(p.numel() for p in model.parameters())
     optimizer = make_optimizer(model, args, device)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-    state = dict(epoch=0, step=0, best_top1=0.0, bad_steps=0)
+    state = dict(epoch=0, step=0, images=0, best_top1=0.0, bad_steps=0)
     if ckpt is not None:
         try:
             model.load_state_dict(ckpt["model"])
@@ -618,8 +633,9 @@ def run(args, rank, world, device):
                              f"delete it or pass another --resume") from None
         if ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
-        state.update(epoch=ckpt["epoch"], step=ckpt["step"], best_top1=ckpt["best_top1"])
-        if ckpt.get("rng") and len(ckpt["rng"]) == world:
+        state.update(epoch=ckpt["epoch"], step=ckpt["step"], images=ckpt.get("images", 0),
+                     best_top1=ckpt["best_top1"])
+        if rank < len(ckpt.get("rng") or []):  # ranks new to the run start from torch.manual_seed(seed)
             set_rng_state(ckpt["rng"][rank])
     ema = ModelEma(model, args.ema_decay) if args.ema_decay > 0 else None
     if ema is not None and ckpt is not None and ckpt.get("ema") is not None:
@@ -636,7 +652,10 @@ def run(args, rank, world, device):
         with open(os.path.join(args.output_dir, "config.json"), "w") as f:
             json.dump(config, f, indent=1)
     if ckpt is not None:
-        log(f"resumed from {resume}: epoch {state['epoch']}, step {state['step']}")
+        old = ckpt["config"]
+        log(f"resumed from {resume}: epoch {state['epoch']}, step {state['step']}, {state['images']} images"
+            + (f" (written by {old['world_size']} x {old['batch_size']} images a step, now {world} x "
+               f"{args.batch_size})" if old["world_size"] != world else ""))
 
     last_save = [time.time()]
 
@@ -661,7 +680,7 @@ def run(args, rank, world, device):
         ckpt = dict(variant=args.variant, model_args=plain(model.model_args), model=model.state_dict(),
                     ema=ema.module.state_dict() if ema is not None else None,
                     optimizer=optimizer.state_dict(), scaler=scaler.state_dict() if scaler.is_enabled() else None,
-                    epoch=state["epoch"], step=state["step"], config=plain(config),
+                    epoch=state["epoch"], step=state["step"], images=state["images"], config=plain(config),
                     best_top1=state["best_top1"], rng=rngs)
         path = os.path.join(args.output_dir, name)
         save_atomic(ckpt, path)
@@ -675,6 +694,7 @@ def run(args, rank, world, device):
         if args.max_steps is not None and state["step"] >= args.max_steps:
             break
         train_sampler.set_epoch(epoch)
+        # k steps into the epoch, the first k x global batch positions are used, on any world size
         train_sampler.set_position((state["step"] - epoch * steps_per_epoch) * args.batch_size)
         t0 = time.time()
         train_loss = train_one_epoch(epoch, state, train_loader, ema, args, ctx)
