@@ -194,6 +194,33 @@ def test_kill_and_resume_equals_the_straight_run(demo_dir, tmp_path):
             assert torch.equal(ckpt["optimizer"]["state"][i]["exp_avg"], s["exp_avg"])
 
 
+def test_accumulation_on_one_process_equals_two_processes(demo_dir, tmp_path):
+    # 1 process accumulating 2 micro-batches of 4 and 2 processes of 4 each see the same micro-batches
+    # with the same seeds (augmentation, mixup/cutmix, drop path: all on), and both average the two
+    # micro-batch gradients, BatchNorm over each micro-batch. So the weights agree to float rounding.
+    # (Running BatchNorm statistics differ: one process updates them twice a step. MESA, whose
+    # EMA teacher runs on them, is off.)
+    flags = ["--data-dir", demo_dir, *TINY_FLAGS, "--deterministic", "--mesa", "0", "--batch-size", "4",
+             "--max-steps", "7"]
+    runs = {"ddp": run_train(*flags, "--output-dir", str(tmp_path / "ddp"), nproc=2),
+            "accum": run_train(*flags, "--output-dir", str(tmp_path / "accum"), "--accum-steps", "2")}
+    for r in runs.values():
+        assert r.returncode == 0, r.stderr[-2000:]
+    ddp, accum = load(tmp_path / "ddp" / "last.pt"), load(tmp_path / "accum" / "last.pt")
+    assert ddp["step"] == accum["step"] == 7 and ddp["images"] == accum["images"] == 7 * 8
+    tiny = build_model("t", num_classes=10, **train.model_overrides(SimpleNamespace(
+        model_overrides=json.loads(TINY), window_size=None)))
+    params = [name for name, _ in tiny.named_parameters()]  # not the buffers: see above
+
+    def close(a, b):
+        return all((a[n] - b[n]).norm() <= 1e-5 * b[n].norm() + 1e-7 for n in params)
+
+    assert close(accum["model"], ddp["model"]) and close(accum["ema"], ddp["ema"])
+    assert not close(ddp["model"], ddp["ema"])  # it trained: the EMA lags behind
+    plain = run_train(*flags, "--output-dir", str(tmp_path / "plain"))  # 4 images a step: other weights
+    assert plain.returncode == 0 and not close(load(tmp_path / "plain" / "last.pt")["model"], ddp["model"])
+
+
 def test_non_finite_steps_are_skipped_then_stop_the_run(demo_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(train, "soft_cross_entropy", lambda logits, target: logits.sum() * float("nan"))
     with pytest.raises(SystemExit) as e:
@@ -205,9 +232,11 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(demo_dir, tmp_path, monk
 
 
 def test_benchmark_mode(capsys):
-    train.main(["--benchmark", *TINY_FLAGS, "--benchmark-steps", "2"])
+    train.main(["--benchmark", *TINY_FLAGS, "--benchmark-steps", "2", "--accum-steps", "2"])
     out = capsys.readouterr().out
-    assert "images/s" in out and "peak memory" in out
+    assert "1 process(es) x batch 3 x 2 micro-steps" in out and "images/s" in out and "peak memory" in out
+    r = run_train("--benchmark", *TINY_FLAGS, "--benchmark-steps", "2", nproc=2)  # DDP, as in training
+    assert r.returncode == 0 and "2 process(es) x batch 3 x 1 micro-steps" in r.stdout, r.stderr[-2000:]
 
 
 @pytest.mark.parametrize("case, flags, message", [
@@ -252,7 +281,7 @@ def test_resume_on_another_world_size_at_the_same_global_batch(demo_dir, tmp_pat
     assert r.returncode == 0, r.stderr[-2000:]
     r = run_train(*flags, "--batch-size", "8", "--max-steps", "13")
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "step 7, 56 images (written by 2 x 4 images a step, now 1 x 8)" in r.stdout
+    assert "step 7, 56 images (global batch 8 as 2 x 4 x 1 processes x batch x micro-steps, now 1 x 8 x 1)" in r.stdout
     ckpt = load(out / "last.pt")
     config = SimpleNamespace(**ckpt["config"])
     assert (ckpt["step"], ckpt["epoch"], ckpt["images"], config.world_size) == (13, 2, 13 * 8, 1)
@@ -260,7 +289,7 @@ def test_resume_on_another_world_size_at_the_same_global_batch(demo_dir, tmp_pat
     assert len(ckpt["rng"]) == 1
     r = run_train(*flags, "--batch-size", "4", nproc=2)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "step 13, 104 images (written by 1 x 8 images a step, now 2 x 4)" in r.stdout
+    assert "step 13, 104 images (global batch 8 as 1 x 8 x 1 processes x batch x micro-steps, now 2 x 4 x 1)" in r.stdout
     assert r.stdout.count("weights identical on 2 ranks") == 1  # checked at the end of epoch 2
     ckpt = load(out / "last.pt")
     assert (ckpt["step"], ckpt["epoch"], ckpt["images"], len(ckpt["rng"])) == (15, 3, 15 * 8, 2)

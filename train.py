@@ -6,11 +6,13 @@
 
 Plain DistributedDataParallel through torchrun (NCCL on GPUs, gloo on CPU); rank 0 prints and saves.
 Re-running the same command after a kill resumes from <output-dir>/last.pt, mid-epoch included,
-also on another number of GPUs as long as the global batch (GPUs x --batch-size) is the same.
+also on another number of GPUs as long as the global batch (GPUs x --batch-size x --accum-steps)
+is the same.
 Every random choice is a function of (seed, rank, step) or (seed, epoch, sample), so a resumed run
 follows exactly the path of an uninterrupted one (bit-identical on CPU with deterministic kernels).
 """
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -77,7 +79,9 @@ def get_parser():
     p.add_argument("--epochs", type=int, help="total epochs, cooldown included (recipe: 320)")
     p.add_argument("--cooldown-epochs", type=int, help="final epochs at --min-lr (recipe: 10)")
     p.add_argument("--warmup-epochs", type=float, help="linear warmup from --warmup-lr (recipe: per variant)")
-    p.add_argument("--batch-size", type=int, help="images per GPU/process (recipe: 128)")
+    p.add_argument("--batch-size", type=int, help="images per GPU/process and micro-step (recipe: 128)")
+    p.add_argument("--accum-steps", type=int, default=1, help="micro-steps (forward + backward) per optimizer "
+                   "step: the global batch is processes x --batch-size x --accum-steps")
     p.add_argument("--lr", type=float, help="peak learning rate (recipe: 5e-3 at global batch 4096)")
     p.add_argument("--warmup-lr", type=float, help="learning rate at step 0 (recipe: 1e-6)")
     p.add_argument("--min-lr", type=float, help="end of the cosine and cooldown rate (recipe: 5e-6)")
@@ -131,7 +135,7 @@ def resolve_config(args, world_size):
     args.data_dir = args.data_dir or DEMO_DIR
     args.output_dir = args.output_dir or os.path.join("runs", args.variant + ("_demo" if args.demo else ""))
     args.world_size = world_size
-    for name in ("batch_size", "epochs", "img_size"):
+    for name in ("batch_size", "accum_steps", "epochs", "img_size"):
         if getattr(args, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, not {getattr(args, name)}")
     if args.workers < 0:
@@ -340,8 +344,8 @@ def link_atomic(src, dst):
 
 
 def global_batch(config):
-    """Images per optimizer step, over all ranks."""
-    return config["world_size"] * config["batch_size"]
+    """Images per optimizer step, over all ranks and micro-steps."""
+    return config["world_size"] * config["batch_size"] * config.get("accum_steps", 1)
 
 
 def check_resumable(ckpt, path, args, steps_per_epoch, num_classes):
@@ -387,20 +391,31 @@ def mesa_loss(logits, ema_logits, weight, temperature=3.0):
                                   F.softmax(ema_logits.float() / temperature, dim=-1), reduction="batchmean")
 
 
-def train_step(model, ema, optimizer, scaler, x, labels, rng, args, num_classes, use_mesa, autocast):
-    """Mixup/cutmix, forward, loss (+ MESA), backward, clip, optimizer step, EMA update.
-    Returns (loss, grad_norm) as tensors on the device; a non-finite grad_norm means the update was
-    skipped (identical on every rank, since DDP has averaged the gradients by then)."""
-    x, target = data.mixup_cutmix(x, labels, num_classes, rng, args.mixup, args.cutmix,
-                                  smoothing=args.smoothing)
-    with autocast:
-        logits = model(x)
-        loss = soft_cross_entropy(logits, target)
-        if use_mesa:
-            with torch.no_grad():
-                ema_logits = ema.module(x)
-            loss = loss + mesa_loss(logits, ema_logits, args.mesa)
-    scaler.scale(loss).backward()
+def train_step(model, ema, optimizer, scaler, micro_batches, seeds, args, num_classes, use_mesa, autocast,
+               no_sync=contextlib.nullcontext):
+    """One optimizer step over a list of micro-batches [(x, labels)], each with its seed: per micro-batch
+    mixup/cutmix, forward, loss (+ MESA), backward of loss / len(micro_batches); then clip, optimizer
+    step, EMA update. Returns (mean loss, grad_norm) as tensors on the device; a non-finite grad_norm
+    means the update was skipped (identical on every rank, since DDP has averaged the gradients by then)."""
+    loss_sum = 0.0
+    for m, ((x, labels), seed) in enumerate(zip(micro_batches, seeds)):
+        torch.manual_seed(seed)  # drop path draws from the global generator
+        x, target = data.mixup_cutmix(x, labels, num_classes, random.Random(seed), args.mixup, args.cutmix,
+                                      smoothing=args.smoothing)
+        # DDP all-reduces gradients inside backward(). Only the sum over all micro-steps is needed,
+        # so every micro-step but the last skips that communication (no_sync) and just accumulates
+        # into .grad locally; the last backward all-reduces the accumulated gradients once.
+        last = m == len(micro_batches) - 1
+        with contextlib.nullcontext() if last else no_sync():  # the forward too: DDP prepares there
+            with autocast:
+                logits = model(x)
+                loss = soft_cross_entropy(logits, target)
+                if use_mesa:
+                    with torch.no_grad():
+                        ema_logits = ema.module(x)
+                    loss = loss + mesa_loss(logits, ema_logits, args.mesa)
+            scaler.scale(loss / len(micro_batches)).backward()  # .grad: the mean over micro-batches
+        loss_sum = loss_sum + loss.detach()
     scaler.unscale_(optimizer)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     max_norm = args.clip_grad if args.clip_grad > 0 else float("inf")
@@ -413,7 +428,7 @@ def train_step(model, ema, optimizer, scaler, x, labels, rng, args, num_classes,
     optimizer.zero_grad(set_to_none=True)
     if ema is not None and torch.isfinite(grad_norm):
         ema.update()
-    return loss.detach(), grad_norm
+    return loss_sum / len(micro_batches), grad_norm
 
 
 @torch.no_grad()
@@ -444,19 +459,23 @@ def train_one_epoch(epoch, state, loader, ema, args, ctx):
     loss_sum, n_steps, t0, images = 0.0, 0, time.time(), 0
     with ctx["tqdm"](total=steps_per_epoch, initial=state["step"] - epoch * steps_per_epoch,
                      desc=f"epoch {epoch}", disable=ctx["rank"] != 0, dynamic_ncols=True) as bar:
-        for x, labels in loader:
-            step = state["step"]
+        batches = iter(loader)
+        for step in range(state["step"], (epoch + 1) * steps_per_epoch):
             if args.max_steps is not None and step >= args.max_steps:
                 break
             lr = lr_at(step, steps_per_epoch, args)
             for g in optimizer.param_groups:
                 g["lr"] = lr
-            seed = step_seed(args, ctx["rank"], step)
-            torch.manual_seed(seed)  # drop path draws from the global generator
-            x = x.to(ctx["device"], non_blocking=True).contiguous(memory_format=torch.channels_last)
-            labels = labels.to(ctx["device"], non_blocking=True)
-            loss, grad_norm = train_step(model, ema, optimizer, scaler, x, labels, random.Random(seed),
-                                         args, ctx["num_classes"], use_mesa, ctx["autocast"])
+            micro_batches = []
+            for _ in range(args.accum_steps):
+                x, labels = next(batches)
+                x = x.to(ctx["device"], non_blocking=True).contiguous(memory_format=torch.channels_last)
+                micro_batches.append((x, labels.to(ctx["device"], non_blocking=True)))
+            # micro-step m of rank r holds the sampler's chunk m x world + r of this step's images: the
+            # same chunk, and so the same seed, as rank m x world + r of a run without accumulation
+            seeds = [step_seed(args, m * args.world_size + ctx["rank"], step) for m in range(args.accum_steps)]
+            loss, grad_norm = train_step(model, ema, optimizer, scaler, micro_batches, seeds, args,
+                                         ctx["num_classes"], use_mesa, ctx["autocast"], ctx["no_sync"])
             state["step"] = step + 1
             loss, finite = loss.item(), bool(torch.isfinite(grad_norm))
             state["bad_steps"] = 0 if finite else state["bad_steps"] + 1
@@ -468,8 +487,8 @@ def train_one_epoch(epoch, state, loader, ema, args, ctx):
                                     f"--lr, use --amp bf16, or resume from an earlier checkpoint")
             if finite:
                 loss_sum, n_steps = loss_sum + loss, n_steps + 1
-            images += x.shape[0] * args.world_size
-            state["images"] += x.shape[0] * args.world_size
+            images += len(micro_batches) * x.shape[0] * args.world_size
+            state["images"] += len(micro_batches) * x.shape[0] * args.world_size
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", img_s=f"{images / (time.time() - t0):.0f}")
             if ctx["time_to_save"]():
@@ -481,14 +500,17 @@ def train_one_epoch(epoch, state, loader, ema, args, ctx):
 
 def benchmark(args, device, log):
     """Time training steps (mixup, forward, loss, backward, clip, optimizer, EMA) on synthetic
-    batches already on the device: images/s and peak memory, without data loading."""
+    batches already on the device: images/s and peak memory, without data loading. Under torchrun
+    the model is wrapped in DDP as in training, and images/s counts all processes."""
     torch.manual_seed(args.seed)
     model = build_model(args.variant, drop_path_rate=args.drop_path_rate, **model_overrides(args))
     model = model.to(device, memory_format=torch.channels_last).train()
     ema = ModelEma(model, args.ema_decay) if args.ema_decay > 0 else None
     optimizer = make_optimizer(model, args, device)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-    step_model = torch.compile(model) if args.compile else model
+    ddp_model = nn.parallel.DistributedDataParallel(model) if args.world_size > 1 else model
+    no_sync = ddp_model.no_sync if args.world_size > 1 else contextlib.nullcontext
+    step_model = torch.compile(ddp_model) if args.compile else ddp_model
     autocast = make_autocast(args, device)
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
     labels = torch.randint(0, 1000, (args.batch_size,), device=device)
@@ -497,9 +519,10 @@ def benchmark(args, device, log):
 
     def run(n):
         for i in range(n):
-            xb = x.clone().contiguous(memory_format=torch.channels_last)
-            train_step(step_model, ema, optimizer, scaler, xb, labels, random.Random(i), args, 1000,
-                       use_mesa, autocast)
+            micro_batches = [(x.clone().contiguous(memory_format=torch.channels_last), labels)
+                             for _ in range(args.accum_steps)]
+            train_step(step_model, ema, optimizer, scaler, micro_batches, [i] * args.accum_steps, args, 1000,
+                       use_mesa, autocast, no_sync)
         sync()
 
     run(10)  # warm-up: allocator, cuDNN autotuning, compilation
@@ -509,9 +532,11 @@ def benchmark(args, device, log):
     run(args.benchmark_steps)
     seconds = time.time() - t0
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    log(f"benchmark: variant {args.variant}, batch {args.batch_size}, {args.img_size} px, amp {args.amp}, "
-        f"opt {args.opt}, EMA {'on' if ema else 'off'}, MESA {'on' if use_mesa else 'off'}, "
-        f"compile {args.compile}: {args.benchmark_steps * args.batch_size / seconds:.0f} images/s, "
+    images = args.benchmark_steps * global_batch(vars(args))
+    log(f"benchmark: variant {args.variant}, {args.world_size} process(es) x batch {args.batch_size} x "
+        f"{args.accum_steps} micro-steps, {args.img_size} px, amp {args.amp}, opt {args.opt}, "
+        f"EMA {'on' if ema else 'off'}, MESA {'on' if use_mesa else 'off'}, compile {args.compile}: "
+        f"{images / seconds:.0f} images/s ({images / seconds / args.world_size:.0f} per process), "
         f"{1000 * seconds / args.benchmark_steps:.1f} ms/step, peak memory {peak:.2f} GiB")
 
 
@@ -556,11 +581,11 @@ def build_data(args, rank, world, device):
     v = VARIANTS[args.variant]
     val_set = data.ImageFolder(val_dir, data.eval_transform(args.img_size, v["crop_pct"], v["crop_mode"]),
                                classes=classes)
-    if len(train_set) < args.batch_size * world:
+    if len(train_set) < global_batch(vars(args)):
         raise data.DataError(f"{len(train_set)} training images is less than one global batch "
-                             f"({args.batch_size} x {world}): lower --batch-size")
+                             f"({world} x {args.batch_size} x {args.accum_steps}): lower --batch-size")
     train_sampler = data.EpochSampler(len(train_set), world, rank, shuffle=True, seed=args.seed,
-                                      batch_size=args.batch_size)
+                                      batch_size=args.batch_size, accum_steps=args.accum_steps)
     val_sampler = data.EpochSampler(len(val_set), world, rank, shuffle=False, seed=args.seed)
     train_loader = data.make_loader(train_set, args.batch_size, train_sampler, args.workers, True, device.type)
     val_loader = data.make_loader(val_set, args.batch_size, val_sampler, args.workers, False, device.type)
@@ -654,8 +679,10 @@ def run(args, rank, world, device):
     if ckpt is not None:
         old = ckpt["config"]
         log(f"resumed from {resume}: epoch {state['epoch']}, step {state['step']}, {state['images']} images"
-            + (f" (written by {old['world_size']} x {old['batch_size']} images a step, now {world} x "
-               f"{args.batch_size})" if old["world_size"] != world else ""))
+            + (f" (global batch {global_batch(old)} as {old['world_size']} x {old['batch_size']} x "
+               f"{old.get('accum_steps', 1)} processes x batch x micro-steps, now {world} x {args.batch_size} x "
+               f"{args.accum_steps})" if global_batch(old) != old["world_size"] * args.batch_size * args.accum_steps
+               or old["world_size"] != world else ""))
 
     last_save = [time.time()]
 
@@ -687,7 +714,8 @@ def run(args, rank, world, device):
         if also:  # the same bytes under a second name: a hard link, or a copy where links fail
             link_atomic(path, os.path.join(args.output_dir, also))
 
-    ctx = dict(model=step_model, optimizer=optimizer, scaler=scaler, device=device, rank=rank, log=log,
+    ctx = dict(model=step_model, no_sync=ddp_model.no_sync if world > 1 else contextlib.nullcontext,
+               optimizer=optimizer, scaler=scaler, device=device, rank=rank, log=log,
                num_classes=num_classes, steps_per_epoch=steps_per_epoch, autocast=make_autocast(args, device),
                tqdm=tqdm, time_to_save=time_to_save, save=save)
     for epoch in range(state["epoch"], args.epochs):
@@ -695,7 +723,7 @@ def run(args, rank, world, device):
             break
         train_sampler.set_epoch(epoch)
         # k steps into the epoch, the first k x global batch positions are used, on any world size
-        train_sampler.set_position((state["step"] - epoch * steps_per_epoch) * args.batch_size)
+        train_sampler.set_position((state["step"] - epoch * steps_per_epoch) * args.batch_size * args.accum_steps)
         t0 = time.time()
         train_loss = train_one_epoch(epoch, state, train_loader, ema, args, ctx)
         if state["step"] < (epoch + 1) * steps_per_epoch:  # stopped by --max-steps mid-epoch
