@@ -7,11 +7,14 @@ NOTES.md. Glossary:
     rng        a `random.Random` owned by one sample, so its augmentation does not depend on which
                worker process decoded it (see `EpochSampler`)
 """
+import argparse
 import math
 import os
 import random
 import shutil
 import sys
+import tempfile
+import time
 
 import numpy as np
 import torch
@@ -49,6 +52,29 @@ def load_rgb(path):
     with Image.open(path) as img:
         img.load()
         return img.convert("RGB")
+
+
+def load_rgb_for_crop(path, pick_box, size):
+    """Decode an image for one crop of it that is then resized to size x size; returns (RGB image, box).
+
+    `pick_box(w, h)` chooses the crop box (left, top, right, bottom) on the full image, from its
+    header alone. A JPEG is then decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, Pillow's
+    draft mode) when the box still spans at least `size` pixels each way at that scale, so the
+    resize stays a downscale; the box comes back in the decoded image's pixels (divided by the scale:
+    decoded pixel i covers source pixels [i s, (i + 1) s)). The crop covers the same image region
+    with or without the reduced decode; only the resampling filter differs.
+    """
+    with Image.open(path) as img:
+        box = pick_box(*img.size)
+        scale = max([s for s in (8, 4, 2) if s * size <= min(box[2] - box[0], box[3] - box[1])], default=1)
+        if scale > 1 and img.format == "JPEG":
+            width = img.size[0]
+            drafted = img.draft("RGB", (img.size[0] // scale, img.size[1] // scale))
+            if drafted is not None:  # None: a JPEG Pillow cannot draft; decoded in full
+                scale = round(width / drafted[1][2])  # the scale Pillow took: its box is (0, 0, w / s, h / s)
+                box = tuple(c / scale for c in box)
+        img.load()
+        return img.convert("RGB"), box
 
 
 class ImageFolder(torch.utils.data.Dataset):
@@ -94,19 +120,26 @@ class ImageFolder(torch.utils.data.Dataset):
         index, seed = key if isinstance(key, tuple) else (key, None)
         if not 0 <= index < len(self.samples):
             raise IndexError(f"sample {index} of {len(self.samples)}")  # also ends plain iteration
+        drafting = seed is not None and getattr(self.transform, "draft", False)
         for attempt in range(len(self.samples)):
             i = (index + attempt) % len(self.samples)
             path, label = self.samples[i]
+            rng = random.Random(seed)
             try:
-                img = load_rgb(path)
+                if drafting:  # decode only as much of a JPEG as the random crop needs
+                    img, box = self.transform.load(path, rng)
+                else:
+                    img = load_rgb(path)
                 break
             except (OSError, ValueError, Image.DecompressionBombError) as e:
                 self._report_bad(i, path, e)
         if self.transform is None:
             return to_tensor(img), label
+        if drafting:
+            return self.transform.finish(img, box, rng), label
         if seed is None:
             return self.transform(img), label
-        return self.transform(img, random.Random(seed)), label
+        return self.transform(img, rng), label
 
     def _report_bad(self, i, path, error):
         first_time = not self.bad[i]
@@ -188,10 +221,15 @@ RANDOM_INTERPOLATIONS = (Image.BILINEAR, Image.BICUBIC)
 
 
 def random_resized_crop(img, size, rng, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
-    """A random box of area fraction in `scale` and aspect ratio in `ratio` (log-uniform), resized
-    to size x size with bilinear or bicubic picked at random. After 10 failed draws, the central
-    box with the ratio clamped to `ratio` (the usual fallback)."""
-    w, h = img.size
+    """A random box (`random_crop_box`) resized to size x size with bilinear or bicubic picked at random."""
+    box = random_crop_box(*img.size, rng, scale, ratio)
+    return img.resize((size, size), rng.choice(RANDOM_INTERPOLATIONS), box=box)
+
+
+def random_crop_box(w, h, rng, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    """RandomResizedCrop's box (left, top, right, bottom) on a w x h image: area fraction in `scale`,
+    aspect ratio in `ratio` (log-uniform). After 10 failed draws, the central box with the ratio
+    clamped to `ratio` (the usual fallback)."""
     area = w * h
     for _ in range(10):
         target_area = area * rng.uniform(*scale)
@@ -206,7 +244,7 @@ def random_resized_crop(img, size, rng, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3))
                  (int(round(h * ratio[1])), h) if aspect > ratio[1] else (w, h)
         cw, ch = min(cw, w), min(ch, h)
         top, left = (h - ch) // 2, (w - cw) // 2
-    return img.resize((size, size), rng.choice(RANDOM_INTERPOLATIONS), box=(left, top, left + cw, top + ch))
+    return left, top, left + cw, top + ch
 
 
 # RandAugment (Cubuk et al. 2020), policy `rand-m9-mstd0.5-inc1` of the official recipe: each image
@@ -290,13 +328,26 @@ def random_erasing(x, rng, prob=0.25, scale=(0.02, 1 / 3), ratio=(0.3, 1 / 0.3))
 
 
 class TrainTransform:
-    """The official training pipeline: PIL image, rng -> normalised float tensor (3, S, S)."""
+    """The official training pipeline: PIL image, rng -> normalised float tensor (3, S, S).
 
-    def __init__(self, img_size, randaugment=True, erase_prob=0.25):
-        self.img_size, self.randaugment, self.erase_prob = img_size, randaugment, erase_prob
+    With `draft` (the default), `ImageFolder` calls `load(path, rng)` and then `finish`, so that a
+    JPEG is decoded at a reduced scale when its crop box is large enough (`load_rgb_for_crop`).
+    The crop box is drawn on the full image size either way, so the crops' distribution is unchanged.
+    """
+
+    def __init__(self, img_size, randaugment=True, erase_prob=0.25, draft=True):
+        self.img_size, self.randaugment, self.erase_prob, self.draft = img_size, randaugment, erase_prob, draft
 
     def __call__(self, img, rng=random):
-        img = random_resized_crop(img, self.img_size, rng)
+        return self.finish(img, random_crop_box(*img.size, rng), rng)
+
+    def load(self, path, rng):
+        """Decode `path` for its random crop: (RGB image, crop box in its pixels)."""
+        return load_rgb_for_crop(path, lambda w, h: random_crop_box(w, h, rng), self.img_size)
+
+    def finish(self, img, box, rng):
+        """Crop `box` resized to S x S, then flip, RandAugment, normalise, random erasing."""
+        img = img.resize((self.img_size, self.img_size), rng.choice(RANDOM_INTERPOLATIONS), box=box)
         if rng.random() < 0.5:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
         if self.randaugment:
@@ -502,3 +553,101 @@ def make_demo_dataset(root, train_per_class=120, val_per_class=30, seed=0, image
     if not os.path.isfile(os.path.join(root, "COMPLETE")):
         raise DataError(f"{root} exists but is not a complete demo dataset: remove it and re-run")
     return root
+
+
+# ----------------------------------------------------------------------------------------------
+# Loader benchmark: python data.py --bench [--workers N]
+
+
+def photo_like(rng, w, h, alpha=1.1):
+    """A (h, w, 3) uint8 picture with a natural image's 1/f^alpha spectrum (shared luminance, weaker
+    colour): it compresses like a photo, about 110 KB as a 500 x 375 JPEG at quality 90."""
+    f = np.hypot(np.fft.fftfreq(h)[:, None], np.fft.rfftfreq(w)[None, :])  # (h, w // 2 + 1)
+    f[0, 0] = 1.0
+
+    def field():
+        spectrum = (rng.normal(size=f.shape) + 1j * rng.normal(size=f.shape)) / f ** alpha
+        x = np.fft.irfft2(spectrum, s=(h, w))
+        return (x - x.mean()) / x.std()
+
+    luma = field()
+    img = np.stack([luma + 0.4 * field() for _ in range(3)], axis=-1) * 55 + 118
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def bench(args):
+    """Decode + training transform images/s, per process and through DataLoader workers, with and
+    without JPEG draft mode, on freshly written JPEGs of the given size."""
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as root:
+        folder = os.path.join(root, "class0")
+        os.makedirs(folder)
+        unique = [photo_like(rng, args.size[0], args.size[1]) for _ in range(16)]
+        for k in range(args.images):  # 16 distinct pictures, each saved under several names
+            Image.fromarray(unique[k % 16]).save(os.path.join(folder, f"{k:05d}.JPEG"), quality=args.quality)
+        kb = np.mean([os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder)]) / 1e3
+        print(f"{args.images} JPEGs of {args.size[0]} x {args.size[1]} px, quality {args.quality}, "
+              f"{kb:.0f} KB on average; training transform to {args.img_size} px (RandAugment "
+              f"{'on' if args.randaugment else 'off'}, random erasing 0.25); torch threads 1")
+        torch.set_num_threads(1)
+        for draft in (False, True):
+            transform = TrainTransform(args.img_size, bool(args.randaugment), 0.25, draft=draft)
+            ds = ImageFolder(root, transform)
+            paths = [path for path, _ in ds.samples]
+
+            def decode_all():
+                reduced = 0
+                for i, path in enumerate(paths):
+                    img = transform.load(path, random.Random(i))[0] if draft else load_rgb(path)
+                    reduced += img.size[0] < args.size[0]
+                return reduced
+
+            def best_rate(fn):  # images/s of the fastest of --repeat passes (the machine may be busy)
+                times = []
+                for _ in range(args.repeat):
+                    t0 = time.perf_counter()
+                    fn()
+                    times.append(time.perf_counter() - t0)
+                return len(paths) / min(times)
+
+            decode, reduced = best_rate(decode_all), decode_all()
+            whole = best_rate(lambda: [ds[(i, i)] for i in range(len(ds))])
+            print(f"draft {'on ' if draft else 'off'}: one process: decode {decode:.0f} images/s "
+                  f"({100 * reduced / len(paths):.0f}% at reduced scale), decode + transform {whole:.0f} "
+                  f"images/s ({1000 / whole:.2f} ms an image)")
+            for workers in args.workers:
+                sampler = EpochSampler(len(ds), shuffle=True, seed=0, batch_size=args.batch_size)
+                loader = make_loader(ds, args.batch_size, sampler, workers, train=True)
+                for _ in loader:  # the first epoch starts the (persistent) workers; the second is timed
+                    pass
+                t0, n = time.perf_counter(), 0
+                for x, _ in loader:
+                    n += x.shape[0]
+                rate = n / (time.perf_counter() - t0)
+                print(f"draft {'on ' if draft else 'off'}: DataLoader, {workers} worker(s): {rate:.0f} "
+                      f"images/s, {rate / workers:.0f} per worker")
+                del loader
+
+
+def main():
+    p = argparse.ArgumentParser(description="Loader benchmark: decode + augment images/s on JPEGs "
+                                "of ImageNet's typical size, with and without Pillow's JPEG draft mode")
+    p.add_argument("--bench", action="store_true", help="run the benchmark (the only mode)")
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="DataLoader worker counts to time")
+    p.add_argument("--images", type=int, default=512, help="JPEG files to write and read")
+    p.add_argument("--size", type=int, nargs=2, default=[500, 375], help="JPEG width and height")
+    p.add_argument("--quality", type=int, default=90, help="JPEG quality")
+    p.add_argument("--img-size", type=int, default=224, help="training image side")
+    p.add_argument("--randaugment", type=int, choices=(0, 1), default=1, help="RandAugment on/off")
+    p.add_argument("--batch-size", type=int, default=32, help="loader batch size")
+    p.add_argument("--repeat", type=int, default=3, help="passes per timing; the fastest counts")
+    args = p.parse_args()
+    if not args.bench:
+        p.error("nothing to do: pass --bench")
+    if min(args.workers) < 1 or args.images < 2 * args.batch_size:
+        p.error("--workers must be >= 1 and --images at least 2 x --batch-size")
+    bench(args)
+
+
+if __name__ == "__main__":
+    main()

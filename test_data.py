@@ -1,6 +1,7 @@
 """CPU tests of data.py: folders, decoding, transforms, mixup/cutmix, sampling, the demo set."""
 import os
 import random
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -158,6 +159,45 @@ def test_random_erasing_one_box_of_noise():
     assert torch.equal(data.random_erasing(x.clone(), random.Random(0), prob=0.0), x)
 
 
+def coordinate_jpeg(path, w, h):
+    """A JPEG whose red and green channels are the pixel's x and y (as fractions of the width and height)."""
+    yy, xx = np.mgrid[0:h, 0:w]
+    rgb = np.stack([255 * xx / (w - 1), 255 * yy / (h - 1), np.full((h, w), 128.0)], axis=-1)
+    Image.fromarray(rgb.round().astype(np.uint8)).save(path, quality=95)
+
+
+def test_draft_decode_scale_and_box(tmp_path):
+    coordinate_jpeg(tmp_path / "big.JPEG", 1200, 900)
+    img, box = data.load_rgb_for_crop(tmp_path / "big.JPEG", lambda w, h: (100, 50, 1100, 850), 64)
+    assert img.size == (150, 113) and box == (12.5, 6.25, 137.5, 106.25)  # 800 px box >= 8 x 64: 1/8 scale
+    img, box = data.load_rgb_for_crop(tmp_path / "big.JPEG", lambda w, h: (100, 50, 1100, 850), 300)
+    assert img.size == (600, 450) and box == (50, 25, 550, 425)  # 2 x 300 <= 800 < 4 x 300: 1/2 scale
+    img, box = data.load_rgb_for_crop(tmp_path / "big.JPEG", lambda w, h: (100, 50, 1100, 850), 401)
+    assert img.size == (1200, 900) and box == (100, 50, 1100, 850)  # 800 < 2 x 401: full decode
+
+
+def test_draft_mode_crops_the_same_region(tmp_path):
+    w, h, size = 1200, 900, 64
+    (tmp_path / "c").mkdir()
+    coordinate_jpeg(tmp_path / "c" / "0.JPEG", w, h)
+    sets = [data.ImageFolder(str(tmp_path), data.TrainTransform(size, randaugment=False, erase_prob=0.0, draft=d))
+            for d in (True, False)]
+    lo, hi = (0 - MEAN) / STD, (1 - MEAN) / STD
+    errors, drafted = [], 0
+    for seed in range(30):
+        xd, xf = (ds[(0, seed)][0] for ds in sets)
+        assert xd.shape == xf.shape == (3, size, size)
+        assert (xd >= lo - 1e-5).all() and (xd <= hi + 1e-5).all()
+        left, top, right, bottom = data.random_crop_box(w, h, random.Random(seed))  # the first draw, in both
+        drafted += min(right - left, bottom - top) >= 2 * size
+        coords = [(x * STD + MEAN)[:2] * torch.tensor([w - 1, h - 1]).view(2, 1, 1) for x in (xd, xf)]  # (2, S, S)
+        pixel = torch.tensor([(right - left) / size, (bottom - top) / size]).view(2, 1, 1)  # source px per output px
+        errors.append(((coords[0] - coords[1]).abs() / pixel)[:, 2:-2, 2:-2])  # in output pixels, off the border
+    errors = torch.stack(errors)
+    assert drafted >= 20  # most crops were decoded at a reduced scale
+    assert errors.mean() < 0.3 and errors.max() < 2.0, (errors.mean(), errors.max())
+
+
 # ---------------------------------------------------------------------------------------------- mixup / cutmix
 
 def test_cutmix_label_weight_equals_pasted_area():
@@ -260,6 +300,16 @@ def test_loader_is_independent_of_worker_count(tmp_path):
     assert len(batches[0]) == 2  # 10 images, full batches of 4 only
     for (xa, ya), (xb, yb) in zip(*batches):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_loader_benchmark_runs(capsys):
+    args = SimpleNamespace(images=32, size=[96, 72], quality=90, img_size=32, randaugment=1, workers=[1],
+                           batch_size=8, repeat=1)
+    data.bench(args)
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("32 JPEGs of 96 x 72 px") and len(out) == 5
+    for line, draft in zip(out[1:], ("off", "off", "on ", "on ")):
+        assert line.startswith(f"draft {draft}:") and "images/s" in line
 
 
 def test_demo_dataset_is_written_once(tmp_path):

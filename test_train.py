@@ -158,7 +158,9 @@ def test_two_process_gloo_run_keeps_ranks_identical(demo_dir, tmp_path):
     assert len(ckpt["rng"]) == 2 and ckpt["config"]["world_size"] == 2
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
     lines = (out / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == 2 and {"top1", "ema_top1", "train_loss"} <= set(json.loads(lines[-1]))
+    metrics = json.loads(lines[-1])
+    assert len(lines) == 2 and {"top1", "ema_top1", "train_loss", "data_wait_ms_per_step"} <= set(metrics)
+    assert 0 <= metrics["data_wait_fraction"] < 1 and "data wait" in r.stdout
 
 
 def test_kill_and_resume_equals_the_straight_run(demo_dir, tmp_path):

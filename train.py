@@ -451,12 +451,14 @@ def evaluate(model, loader, device, autocast):
 
 def train_one_epoch(epoch, state, loader, ema, args, ctx):
     """One pass over this rank's share of the epoch (what is left of it, after a mid-epoch resume),
-    up to --max-steps. Saves last.pt every --save-minutes. Returns the mean training loss."""
+    up to --max-steps. Saves last.pt every --save-minutes. Returns the mean training loss.
+    Also measures the data wait: the time spent blocked on the loader, which the GPU spends idle."""
     model, optimizer, scaler = ctx["model"], ctx["optimizer"], ctx["scaler"]
     model.train()
     steps_per_epoch = ctx["steps_per_epoch"]
     use_mesa = ema is not None and args.mesa > 0 and epoch / args.epochs > args.mesa_start
     loss_sum, n_steps, t0, images = 0.0, 0, time.time(), 0
+    data_wait, steps_run = 0.0, 0  # seconds blocked on the loader, steps taken
     with ctx["tqdm"](total=steps_per_epoch, initial=state["step"] - epoch * steps_per_epoch,
                      desc=f"epoch {epoch}", disable=ctx["rank"] != 0, dynamic_ncols=True) as bar:
         batches = iter(loader)
@@ -468,7 +470,9 @@ def train_one_epoch(epoch, state, loader, ema, args, ctx):
                 g["lr"] = lr
             micro_batches = []
             for _ in range(args.accum_steps):
+                t_wait = time.perf_counter()
                 x, labels = next(batches)
+                data_wait += time.perf_counter() - t_wait
                 x = x.to(ctx["device"], non_blocking=True).contiguous(memory_format=torch.channels_last)
                 micro_batches.append((x, labels.to(ctx["device"], non_blocking=True)))
             # micro-step m of rank r holds the sampler's chunk m x world + r of this step's images: the
@@ -490,11 +494,14 @@ def train_one_epoch(epoch, state, loader, ema, args, ctx):
             images += len(micro_batches) * x.shape[0] * args.world_size
             state["images"] += len(micro_batches) * x.shape[0] * args.world_size
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", img_s=f"{images / (time.time() - t0):.0f}")
+            steps_run += 1
+            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", img_s=f"{images / (time.time() - t0):.0f}",
+                            data_ms=f"{1000 * data_wait / steps_run:.1f}")  # mean wait a step, this epoch
             if ctx["time_to_save"]():
                 state["epoch"] = epoch
                 ctx["save"]("last.pt")
     ctx["train_images_per_s"] = images / max(time.time() - t0, 1e-9)
+    ctx["data_wait"] = (data_wait, steps_run, time.time() - t0)
     return loss_sum / max(n_steps, 1)
 
 
@@ -730,6 +737,8 @@ def run(args, rank, world, device):
             state["epoch"] = epoch
             save("last.pt")
             break
+        wait, steps_run, seconds = all_reduce_sum(list(ctx["data_wait"]), device)  # sums over ranks
+        wait_ms, wait_fraction = 1000 * wait / max(steps_run, 1), wait / max(seconds, 1e-9)  # rank means
         check_replicas_in_sync(model)
         average_bn_stats(model)
         top1, top5 = evaluate(model, val_loader, device, ctx["autocast"])
@@ -744,10 +753,12 @@ def run(args, rank, world, device):
         metrics = dict(epoch=epoch, step=state["step"], lr=optimizer.param_groups[0]["lr"],
                        train_loss=train_loss, top1=top1, top5=top5, ema_top1=ema_top1, ema_top5=ema_top5,
                        best_top1=state["best_top1"], train_images_per_s=ctx["train_images_per_s"],
+                       data_wait_ms_per_step=wait_ms, data_wait_fraction=wait_fraction,
                        epoch_seconds=time.time() - t0, bad_images=train_set.num_bad + val_set.num_bad)
         log(f"epoch {epoch}: train loss {train_loss:.4f}, val top-1 {top1:.2f} top-5 {top5:.2f}"
             + (f", weights identical on {world} ranks" if world > 1 else "")
             + (f", EMA top-1 {ema_top1:.2f} top-5 {ema_top5:.2f}" if ema is not None else "")
+            + f"; data wait {wait_ms:.1f} ms a step, {100 * wait_fraction:.0f}% of training time"
             + f" ({time.time() - t0:.0f} s)")
         if master:
             with open(os.path.join(args.output_dir, "metrics.jsonl"), "a") as f:
