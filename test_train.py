@@ -203,7 +203,7 @@ def test_accumulation_on_one_process_equals_two_processes(demo_dir, tmp_path):
     # (Running BatchNorm statistics differ: one process updates them twice a step. MESA, whose
     # EMA teacher runs on them, is off.)
     flags = ["--data-dir", demo_dir, *TINY_FLAGS, "--deterministic", "--mesa", "0", "--batch-size", "4",
-             "--max-steps", "7"]
+             "--max-steps", "7", "--step-log"]
     runs = {"ddp": run_train(*flags, "--output-dir", str(tmp_path / "ddp"), nproc=2),
             "accum": run_train(*flags, "--output-dir", str(tmp_path / "accum"), "--accum-steps", "2")}
     for r in runs.values():
@@ -218,6 +218,13 @@ def test_accumulation_on_one_process_equals_two_processes(demo_dir, tmp_path):
         return all((a[n] - b[n]).norm() <= 1e-5 * b[n].norm() + 1e-7 for n in params)
 
     assert close(accum["model"], ddp["model"]) and close(accum["ema"], ddp["ema"])
+    logs = [[json.loads(line) for line in (tmp_path / run / "steps.jsonl").read_text().splitlines()]
+            for run in ("ddp", "accum")]
+    assert [s["step"] for s in logs[0]] == [s["step"] for s in logs[1]] == list(range(7))
+    for a, b in zip(*logs):  # the loss: the mean over ranks = the mean over micro-steps
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["lr"] == b["lr"]
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5) and a["data_wait_ms"] >= 0
+    assert len({round(s["loss"], 4) for s in logs[0]}) > 3  # the losses do change from step to step
     assert not close(ddp["model"], ddp["ema"])  # it trained: the EMA lags behind
     plain = run_train(*flags, "--output-dir", str(tmp_path / "plain"))  # 4 images a step: other weights
     assert plain.returncode == 0 and not close(load(tmp_path / "plain" / "last.pt")["model"], ddp["model"])

@@ -112,6 +112,8 @@ def get_parser():
     p.add_argument("--max-steps", type=int, default=None,
                    help="stop after this many optimizer steps in total (short runs, tests)")
     p.add_argument("--deterministic", action="store_true", help="deterministic kernels only")
+    p.add_argument("--step-log", action="store_true", help="append every step's loss (mean over ranks), lr, "
+                   "gradient norm and data wait to <output-dir>/steps.jsonl")
     p.add_argument("--benchmark", action="store_true",
                    help="time training steps on synthetic batches (no data loading) and exit")
     p.add_argument("--benchmark-steps", type=int, default=50, help="timed steps for --benchmark")
@@ -449,6 +451,17 @@ def evaluate(model, loader, device, autocast):
     return 100 * correct1 / count, 100 * correct5 / count
 
 
+def write_step_log(step, lr, loss, grad_norm, data_wait, args, ctx):
+    """One line of <output-dir>/steps.jsonl: the step's loss and data wait averaged over the ranks
+    (so 1, 2 or 4 processes at the same global batch log comparable numbers), lr, gradient norm."""
+    loss_sum, wait_sum = all_reduce_sum([loss, data_wait], ctx["device"])
+    if ctx["rank"] == 0:
+        line = dict(step=step, lr=lr, loss=loss_sum / args.world_size, grad_norm=float(grad_norm),
+                    data_wait_ms=1000 * wait_sum / args.world_size)
+        with open(os.path.join(args.output_dir, "steps.jsonl"), "a") as f:
+            f.write(json.dumps(line) + "\n")
+
+
 def train_one_epoch(epoch, state, loader, ema, args, ctx):
     """One pass over this rank's share of the epoch (what is left of it, after a mid-epoch resume),
     up to --max-steps. Saves last.pt every --save-minutes. Returns the mean training loss.
@@ -468,11 +481,11 @@ def train_one_epoch(epoch, state, loader, ema, args, ctx):
             lr = lr_at(step, steps_per_epoch, args)
             for g in optimizer.param_groups:
                 g["lr"] = lr
-            micro_batches = []
+            micro_batches, step_wait = [], 0.0
             for _ in range(args.accum_steps):
                 t_wait = time.perf_counter()
                 x, labels = next(batches)
-                data_wait += time.perf_counter() - t_wait
+                step_wait += time.perf_counter() - t_wait
                 x = x.to(ctx["device"], non_blocking=True).contiguous(memory_format=torch.channels_last)
                 micro_batches.append((x, labels.to(ctx["device"], non_blocking=True)))
             # micro-step m of rank r holds the sampler's chunk m x world + r of this step's images: the
@@ -481,7 +494,10 @@ def train_one_epoch(epoch, state, loader, ema, args, ctx):
             loss, grad_norm = train_step(model, ema, optimizer, scaler, micro_batches, seeds, args,
                                          ctx["num_classes"], use_mesa, ctx["autocast"], ctx["no_sync"])
             state["step"] = step + 1
+            data_wait += step_wait
             loss, finite = loss.item(), bool(torch.isfinite(grad_norm))
+            if args.step_log:
+                write_step_log(step, lr, loss, grad_norm, step_wait, args, ctx)
             state["bad_steps"] = 0 if finite else state["bad_steps"] + 1
             if not finite and not scaler.is_enabled():  # fp16's scaler skips overflows by design
                 ctx["log"](f"warning: non-finite loss or gradient at step {step} (loss {loss}): step skipped "
