@@ -152,7 +152,7 @@ def test_two_process_gloo_run_keeps_ranks_identical(demo_dir, tmp_path):
     r = run_train("--data-dir", demo_dir, "--output-dir", str(out), *TINY_FLAGS, "--epochs", "2",
                   "--cooldown-epochs", "0", "--batch-size", "4", nproc=2)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stdout.count("weights identical on 2 ranks") == 2  # checked at each epoch's end
+    assert r.stdout.count("weights and EMA identical on 2 ranks") == 2  # checked at each epoch's end
     ckpt = load(out / "last.pt")
     assert ckpt["step"] == 2 * (40 // 8) and ckpt["epoch"] == 2  # 40 images, 2 ranks x 4 a step
     assert len(ckpt["rng"]) == 2 and ckpt["config"]["world_size"] == 2
@@ -290,7 +290,8 @@ def test_resume_on_another_world_size_at_the_same_global_batch(demo_dir, tmp_pat
     assert r.returncode == 0, r.stderr[-2000:]
     r = run_train(*flags, "--batch-size", "8", "--max-steps", "13")
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "step 7, 56 images (global batch 8 as 2 x 4 x 1 processes x batch x micro-steps, now 1 x 8 x 1)" in r.stdout
+    assert "step 7, 56 images (global batch 8 as 2 x 4 x 1 processes x batch x micro-steps, now 1 x 8 x 1)" \
+        in r.stdout
     ckpt = load(out / "last.pt")
     config = SimpleNamespace(**ckpt["config"])
     assert (ckpt["step"], ckpt["epoch"], ckpt["images"], config.world_size) == (13, 2, 13 * 8, 1)
@@ -298,8 +299,9 @@ def test_resume_on_another_world_size_at_the_same_global_batch(demo_dir, tmp_pat
     assert len(ckpt["rng"]) == 1
     r = run_train(*flags, "--batch-size", "4", nproc=2)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "step 13, 104 images (global batch 8 as 1 x 8 x 1 processes x batch x micro-steps, now 2 x 4 x 1)" in r.stdout
-    assert r.stdout.count("weights identical on 2 ranks") == 1  # checked at the end of epoch 2
+    assert "step 13, 104 images (global batch 8 as 1 x 8 x 1 processes x batch x micro-steps, now 2 x 4 x 1)" \
+        in r.stdout
+    assert r.stdout.count("weights and EMA identical on 2 ranks") == 1  # checked at the end of epoch 2
     ckpt = load(out / "last.pt")
     assert (ckpt["step"], ckpt["epoch"], ckpt["images"], len(ckpt["rng"])) == (15, 3, 15 * 8, 2)
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -285,7 +285,7 @@ def average_bn_stats(model):
                 buf.div_(dist.get_world_size())
 
 
-def check_replicas_in_sync(model):
+def check_replicas_in_sync(model, what="weights"):
     """Raise if the ranks' weights differ (a sum and a sum of squares per tensor, compared exactly)."""
     if not dist.is_initialized():
         return
@@ -293,7 +293,7 @@ def check_replicas_in_sync(model):
     gathered = [torch.empty_like(sums) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, sums)
     if not all(torch.equal(g, gathered[0]) for g in gathered):
-        raise TrainingError("the ranks' weights differ: DDP lost synchronisation; resume from last.pt")
+        raise TrainingError(f"the ranks' {what} differ: DDP lost synchronisation; resume from last.pt")
 
 
 def step_seed(args, rank, step):
@@ -756,6 +756,8 @@ def run(args, rank, world, device):
         wait, steps_run, seconds = all_reduce_sum(list(ctx["data_wait"]), device)  # sums over ranks
         wait_ms, wait_fraction = 1000 * wait / max(steps_run, 1), wait / max(seconds, 1e-9)  # rank means
         check_replicas_in_sync(model)
+        if ema is not None:
+            check_replicas_in_sync(ema.module, "EMA weights")
         average_bn_stats(model)
         top1, top5 = evaluate(model, val_loader, device, ctx["autocast"])
         ema_top1 = ema_top5 = None
@@ -772,7 +774,7 @@ def run(args, rank, world, device):
                        data_wait_ms_per_step=wait_ms, data_wait_fraction=wait_fraction,
                        epoch_seconds=time.time() - t0, bad_images=train_set.num_bad + val_set.num_bad)
         log(f"epoch {epoch}: train loss {train_loss:.4f}, val top-1 {top1:.2f} top-5 {top5:.2f}"
-            + (f", weights identical on {world} ranks" if world > 1 else "")
+            + (f", weights{' and EMA' if ema is not None else ''} identical on {world} ranks" if world > 1 else "")
             + (f", EMA top-1 {ema_top1:.2f} top-5 {ema_top5:.2f}" if ema is not None else "")
             + f"; data wait {wait_ms:.1f} ms a step, {100 * wait_fraction:.0f}% of training time"
             + f" ({time.time() - t0:.0f} s)")
