@@ -1,7 +1,7 @@
 """ImageNet-style data for MambaVision: folders, transforms, mixup/cutmix, loaders, a demo dataset.
 
 Everything here is written with Pillow and torch only (no torchvision), following the recipe in
-NOTES.md. Glossary:
+NOTES.md. `python data.py --bench` times decoding + augmentation. Glossary:
     S          output image side (--img-size)
     crop_pct   eval resize factor: the shorter side goes to floor(S / crop_pct) before the S crop
     rng        a `random.Random` owned by one sample, so its augmentation does not depend on which
@@ -82,7 +82,8 @@ class ImageFolder(torch.utils.data.Dataset):
 
     `dataset[i]` -> (image tensor, label). The key may also be `(i, seed)`, as `EpochSampler`
     yields: then the transform is called as `transform(img, random.Random(seed))`, so that the
-    sample's augmentation is fixed by the seed alone.
+    sample's augmentation is fixed by the seed alone; a transform with `draft` set (TrainTransform)
+    decodes the file itself, as `transform.finish(*transform.load(path, rng), rng)`.
 
     An unreadable image (corrupt, truncated, not an image) is reported on stderr with its path and
     replaced by the next readable sample in the list. Distinct bad files are counted across worker
