@@ -1,6 +1,8 @@
 """Train MambaVision on ImageNet-style folders with the official recipe, on one GPU or many.
 
     torchrun --nproc_per_node=8 train.py --variant t --data-dir /data/imagenet   # the real run
+    torchrun --nnodes=4 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train.py ...
+                                                    # the official 32 GPUs: the same line on every node
     torchrun --nproc_per_node=1 train.py --variant t                             # built-in demo, CPU ok
     python train.py --variant t --benchmark                                      # time training steps
 
@@ -8,7 +10,7 @@ Plain DistributedDataParallel through torchrun (NCCL on GPUs, gloo on CPU); rank
 Re-running the same command after a kill resumes from <output-dir>/last.pt, mid-epoch included,
 also on another number of GPUs as long as the global batch (GPUs x --batch-size x --accum-steps)
 is the same.
-Every random choice is a function of (seed, rank, step) or (seed, epoch, sample), so a resumed run
+Every random choice is a function of (seed, rank, step) or (seed, epoch, position), so a resumed run
 follows exactly the path of an uninterrupted one (bit-identical on CPU with deterministic kernels).
 """
 import argparse
@@ -586,7 +588,7 @@ def make_autocast(args, device):
 def build_data(args, rank, world, device):
     """Datasets, samplers and loaders; writes the demo set first when there is no --data-dir."""
     if args.demo:
-        if rank == 0:
+        if int(os.environ.get("LOCAL_RANK", 0)) == 0:  # once per machine (concurrent writers are safe)
             data.make_demo_dataset(args.data_dir)
         if dist.is_initialized():
             dist.barrier()
