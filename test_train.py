@@ -225,6 +225,7 @@ def test_accumulation_on_one_process_equals_two_processes(demo_dir, tmp_path):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["lr"] == b["lr"]
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5) and a["data_wait_ms"] >= 0
     assert len({round(s["loss"], 4) for s in logs[0]}) > 3  # the losses do change from step to step
+    assert all(a["time"] < b["time"] for a, b in zip(logs[0], logs[0][1:]))
     assert not close(ddp["model"], ddp["ema"])  # it trained: the EMA lags behind
     plain = run_train(*flags, "--output-dir", str(tmp_path / "plain"))  # 4 images a step: other weights
     assert plain.returncode == 0 and not close(load(tmp_path / "plain" / "last.pt")["model"], ddp["model"])

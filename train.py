@@ -455,11 +455,12 @@ def evaluate(model, loader, device, autocast):
 
 def write_step_log(step, lr, loss, grad_norm, data_wait, args, ctx):
     """One line of <output-dir>/steps.jsonl: the step's loss and data wait averaged over the ranks
-    (so 1, 2 or 4 processes at the same global batch log comparable numbers), lr, gradient norm."""
+    (so 1, 2 or 4 processes at the same global batch log comparable numbers), lr, gradient norm,
+    and the wall-clock time (differences: seconds a step)."""
     loss_sum, wait_sum = all_reduce_sum([loss, data_wait], ctx["device"])
     if ctx["rank"] == 0:
         line = dict(step=step, lr=lr, loss=loss_sum / args.world_size, grad_norm=float(grad_norm),
-                    data_wait_ms=1000 * wait_sum / args.world_size)
+                    data_wait_ms=1000 * wait_sum / args.world_size, time=time.time())  # time: step ends
         with open(os.path.join(args.output_dir, "steps.jsonl"), "a") as f:
             f.write(json.dumps(line) + "\n")
 
