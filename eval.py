@@ -354,19 +354,6 @@ def measure_throughput(model, batch_size, img_size, device, dtype, warmup, iters
     return batch_size / statistics.median(times), peak
 
 
-def scan_path(device):
-    """Which selective scan the model ran: scan.py's CUDA kernel or the PyTorch reference.
-
-    Read after a forward pass, since scan.py builds its kernel on first use.
-    """
-    if device.type != "cuda" or os.environ.get("MAMBAVISION_SCAN") == "ref":
-        return "reference (PyTorch loop)"
-    build = getattr(scan, "_build", {})  # scan.py's record of its one build attempt
-    if build.get("lib") is not None:
-        return "CUDA kernel (scan_cuda.cu)"
-    return f"reference (PyTorch loop; kernel unavailable: {build.get('error')})"
-
-
 def throughput_row(variant, args, device):
     try:
         model = build_model(variant)
@@ -385,7 +372,7 @@ def throughput_row(variant, args, device):
             "peak_mem_gib": None if peak is None else round(peak, 2), "img_size": img_size,
             "batch_size": args.batch_size, "dtype": args.dtype, "compile": args.compile,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "scan": scan_path(device)}
+            "scan": scan.scan_path(device)}
 
 
 def run_throughput(args, device):

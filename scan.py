@@ -298,6 +298,16 @@ def selective_scan(u, delta, A, B, C, D, delta_bias, delta_softplus=True):
     return _scan_op(u, delta, A, B, C, D, delta_bias, delta_softplus)
 
 
+def scan_path(device):
+    """Which scan the model runs on `device`: the CUDA kernel, or the reference and why. Read it after
+    a forward pass, since the kernel is built on first use."""
+    if device.type != "cuda" or _scan_mode() == "ref":
+        return "reference (PyTorch loop)"
+    if _build["lib"] is not None:
+        return "CUDA kernel (scan_cuda.cu)"
+    return f"reference (PyTorch loop; kernel unavailable: {_build['error']})"
+
+
 # ---------------------------------------------------------------------------------------------
 # python scan.py --bench: kernel against reference at MambaVision's shapes, and the bytes floor.
 
