@@ -6,7 +6,9 @@ Both networks get the same weights, the same inputs and the same scan (official.
 official code's scan at ours), so the ratios measure the model code alone. Inference: eval mode, no
 grad, bf16 autocast, channels_last. Training: forward, cross-entropy, backward and a fused AdamW step,
 same settings. Each row is images/s (median of --repeats timed runs of --iters steps, CUDA events)
-and the peak allocated memory.
+and the peak allocated memory. With --profile, each row is followed by where its GPU time goes
+(torch.profiler over 3 steps): kernel time per step by kind, the largest kernels, and how busy the GPU
+was (kernel time over wall time; well under 100% means the step waits on the CPU to launch work).
 """
 import argparse
 import statistics
@@ -32,6 +34,55 @@ def time_steps(step, iters, repeats):
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end) / 1e3 / iters)
     return statistics.median(times)
+
+
+KERNEL_KINDS = (  # first match wins; names as cuDNN, cuBLAS, Triton and PyTorch give their kernels
+    ("scan", ("selective_scan",)),
+    ("fused (Triton)", ("triton",)),
+    ("attention", ("flash", "fmha", "attention")),
+    ("convolution", ("conv", "dgrad", "wgrad", "fprop", "implicit_gemm", "winograd")),
+    ("matrix product", ("gemm", "nvjet", "cutlass", "xmma", "sm90_")),
+    ("norm", ("norm", "bn_")),
+    ("optimizer", ("adam", "multi_tensor")),
+    ("reduction", ("reduce",)),
+    ("elementwise / copy", ("elementwise", "copy", "cat", "memcpy", "memset", "fill", "index")),
+)
+
+
+def kernel_kind(name):
+    low = name.lower()
+    return next((kind for kind, keys in KERNEL_KINDS if any(k in low for k in keys)), "other")
+
+
+def profile_steps(step, steps=3, top=12):
+    """Print the GPU kernel time per step by kind and the `top` largest kernels of `steps` steps."""
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(steps):
+            step()
+        end.record()
+        torch.cuda.synchronize()
+    wall_ms = start.elapsed_time(end) / steps
+    kernels = {}  # name -> (total us, calls)
+    for e in prof.key_averages():
+        if e.device_type == torch.autograd.DeviceType.CUDA and e.device_time_total > 0:
+            us, calls = kernels.get(e.key, (0.0, 0))
+            kernels[e.key] = (us + e.device_time_total, calls + e.count)
+    by_kind = {}
+    for name, (us, calls) in kernels.items():
+        kind = by_kind.setdefault(kernel_kind(name), [0.0, 0])
+        kind[0], kind[1] = kind[0] + us, kind[1] + calls
+    busy_ms = sum(us for us, _ in kernels.values()) / 1e3 / steps
+    print(f"    GPU busy {busy_ms:.1f} of {wall_ms:.1f} ms a step ({100 * busy_ms / wall_ms:.0f}%), "
+          f"{sum(c for _, c in kernels.values()) // steps} kernels a step")
+    for kind, (us, calls) in sorted(by_kind.items(), key=lambda kv: -kv[1][0]):
+        print(f"    {kind:20s} {us / 1e3 / steps:7.2f} ms {100 * us / 1e3 / steps / busy_ms:5.1f}%  "
+              f"{calls // steps} kernels")
+    for name, (us, calls) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:top]:
+        print(f"      {us / 1e3 / steps:6.2f} ms x{calls // steps:<4d} {name[:110]}")
 
 
 def infer_step(model, x):
@@ -64,6 +115,8 @@ def measure(name, model, mode, batch, args):
     seconds = time_steps(step, args.iters, args.repeats)
     peak = torch.cuda.max_memory_allocated() / 2 ** 30
     print(f"| {name} | {mode} | {batch} | {batch / seconds:,.0f} | {peak:.2f} |", flush=True)
+    if args.profile:
+        profile_steps(step)
     return batch / seconds
 
 
@@ -74,13 +127,17 @@ def main():
     p.add_argument("--train-batch", type=int, default=128, help="training batch size")
     p.add_argument("--iters", type=int, default=20, help="steps per timed run")
     p.add_argument("--repeats", type=int, default=5, help="timed runs; the median is reported")
+    p.add_argument("--modes", nargs="+", choices=("infer", "train"), default=["infer", "train"],
+                   help="inference and/or training rows")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    p.add_argument("--profile", action="store_true", help="after each row, where its GPU time goes")
     args = p.parse_args()
     torch.backends.cudnn.benchmark = True
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
     print("| model | mode | batch | images/s | peak GiB |\n|---|---|---|---|---|")
     for variant in args.variants:
-        for mode, batch in (("infer", args.infer_batch), ("train", args.train_batch)):
+        for mode in args.modes:
+            batch = args.infer_batch if mode == "infer" else args.train_batch
             ours = build_model(variant).cuda().to(memory_format=torch.channels_last)
             theirs = official_model(variant).cuda().to(memory_format=torch.channels_last)
             theirs.load_state_dict(ours.state_dict())

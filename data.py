@@ -8,6 +8,7 @@ NOTES.md. `python data.py --bench` times decoding + augmentation. Glossary:
                worker process decoded it (see `EpochSampler`)
 """
 import argparse
+import io
 import math
 import os
 import random
@@ -576,6 +577,25 @@ def photo_like(rng, w, h, alpha=1.1):
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
+def make_photo_dataset(root, train_images, val_images, classes=10, size=(500, 375), quality=90, seed=0):
+    """Write `root/{train,val}/class<k>/` with photo-like JPEGs of ImageNet's typical size, to time
+    loading in a real training run. The labels mean nothing; 64 distinct pictures are encoded once
+    and their bytes written under many names. Returns root."""
+    rng = np.random.default_rng(seed)
+    pictures = []
+    for _ in range(64):
+        buffer = io.BytesIO()
+        Image.fromarray(photo_like(rng, *size)).save(buffer, format="JPEG", quality=quality)
+        pictures.append(buffer.getvalue())
+    for split, n in (("train", train_images), ("val", val_images)):
+        for k in range(n):
+            folder = os.path.join(root, split, f"class{k % classes}")
+            os.makedirs(folder, exist_ok=True)
+            with open(os.path.join(folder, f"{k:07d}.JPEG"), "wb") as f:
+                f.write(pictures[k % 64])
+    return root
+
+
 def bench(args):
     """Decode + training transform images/s, per process and through DataLoader workers, with and
     without JPEG draft mode, on freshly written JPEGs of the given size."""
@@ -633,7 +653,9 @@ def bench(args):
 def main():
     p = argparse.ArgumentParser(description="Loader benchmark: decode + augment images/s on JPEGs "
                                 "of ImageNet's typical size, with and without Pillow's JPEG draft mode")
-    p.add_argument("--bench", action="store_true", help="run the benchmark (the only mode)")
+    p.add_argument("--bench", action="store_true", help="run the benchmark")
+    p.add_argument("--write-dataset", metavar="DIR", help="instead, write --images train and --images / 10 "
+                   "val JPEGs of --size in 10 classes to DIR, for timing a real training run")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="DataLoader worker counts to time")
     p.add_argument("--images", type=int, default=512, help="JPEG files to write and read")
     p.add_argument("--size", type=int, nargs=2, default=[500, 375], help="JPEG width and height")
@@ -643,8 +665,11 @@ def main():
     p.add_argument("--batch-size", type=int, default=32, help="loader batch size")
     p.add_argument("--repeat", type=int, default=3, help="passes per timing; the fastest counts")
     args = p.parse_args()
+    if args.write_dataset:
+        make_photo_dataset(args.write_dataset, args.images, args.images // 10, size=args.size, quality=args.quality)
+        return print(f"wrote {args.images} + {args.images // 10} JPEGs to {args.write_dataset}")
     if not args.bench:
-        p.error("nothing to do: pass --bench")
+        p.error("nothing to do: pass --bench or --write-dataset DIR")
     if min(args.workers) < 1 or args.images < 2 * args.batch_size:
         p.error("--workers must be >= 1 and --images at least 2 x --batch-size")
     bench(args)
