@@ -329,5 +329,6 @@ def test_photo_dataset_is_an_image_folder_of_imagenet_sized_jpegs(tmp_path):
     root = data.make_photo_dataset(str(tmp_path / "photos"), 30, 10, classes=3, size=(50, 40))
     train, val = data.ImageFolder(os.path.join(root, "train")), data.ImageFolder(os.path.join(root, "val"))
     assert (len(train), len(val)) == (30, 10) and train.classes == val.classes == ["class0", "class1", "class2"]
-    img, label = train[7]
+    assert [label for _, label in train.samples] == [0] * 10 + [1] * 10 + [2] * 10
+    img, label = train[12]
     assert img.shape == (3, 40, 50) and label == 1 and train.num_bad == 0
