@@ -5,7 +5,7 @@
 Both networks get the same weights, the same inputs and the same scan (official.py points the
 official code's scan at ours), so the ratios measure the model code alone. Inference: eval mode, no
 grad, bf16 autocast, channels_last. Training: forward, cross-entropy, backward and a fused AdamW step,
-same settings. Each row is images/s (median of --repeats timed runs of --iters steps, CUDA events)
+same settings; --cuda-graph adds rows with forward + backward replayed as one CUDA graph. Each row is images/s (median of --repeats timed runs of --iters steps, CUDA events)
 and the peak allocated memory. With --profile, each row is followed by where its GPU time goes
 (torch.profiler over 3 steps): kernel time per step by kind, the largest kernels, and how busy the GPU
 was (kernel time over wall time; well under 100% means the step waits on the CPU to launch work).
@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from model import build_model
 from official import official_model
+from train import CudaGraphStep
 
 
 def time_steps(step, iters, repeats):
@@ -92,26 +93,40 @@ def infer_step(model, x):
     return step
 
 
-def train_step(model, x, y):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+def train_step(model, x, y, cuda_graph=False, params_of=None):
+    """Forward, cross-entropy, backward, fused AdamW. With cuda_graph, forward + backward are replayed
+    as one CUDA graph (train.CudaGraphStep, as train.py --cuda-graph does); params_of is the module
+    that owns the weights when `model` is its compiled wrapper."""
+    params_of = params_of or model
+    opt = torch.optim.AdamW(params_of.parameters(), lr=1e-4, fused=True)
 
-    def step():
+    def forward_backward(x, y, key=None):
         with torch.autocast("cuda", torch.bfloat16):
             loss = F.cross_entropy(model(x), y)
         loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    graph = CudaGraphStep(params_of, forward_backward) if cuda_graph else None
+
+    def step():
+        if graph is None:
+            forward_backward(x, y)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        else:
+            graph(x, y, None)
+            opt.step()  # the next replay overwrites .grad
     return step
 
 
-def measure(name, model, mode, batch, args):
+def measure(name, model, mode, batch, args, cuda_graph=False, params_of=None):
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     x = torch.randn(batch, 3, 224, 224, device="cuda").to(memory_format=torch.channels_last)
     if mode == "infer":
         step = infer_step(model.eval(), x)
     else:
-        step = train_step(model.train(), x, torch.randint(0, 1000, (batch,), device="cuda"))
+        step = train_step(model.train(), x, torch.randint(0, 1000, (batch,), device="cuda"), cuda_graph, params_of)
     seconds = time_steps(step, args.iters, args.repeats)
     peak = torch.cuda.max_memory_allocated() / 2 ** 30
     print(f"| {name} | {mode} | {batch} | {batch / seconds:,.0f} | {peak:.2f} |", flush=True)
@@ -131,6 +146,8 @@ def main():
                    help="inference and/or training rows")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     p.add_argument("--profile", action="store_true", help="after each row, where its GPU time goes")
+    p.add_argument("--cuda-graph", action="store_true", help="add training rows with forward + backward "
+                   "replayed as one CUDA graph (eager and compiled)")
     args = p.parse_args()
     torch.backends.cudnn.benchmark = True
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
@@ -146,8 +163,16 @@ def main():
             rate = measure(f"ours {variant}", ours, mode, batch, args)
             print(f"|  ratio ours/official | | | {rate / base:.2f}x | |")
             if not args.no_compile:
-                rate = measure(f"ours {variant}, compiled", torch.compile(ours, fullgraph=True), mode, batch, args)
+                compiled = torch.compile(ours, fullgraph=True)
+                rate = measure(f"ours {variant}, compiled", compiled, mode, batch, args)
                 print(f"|  ratio compiled/official | | | {rate / base:.2f}x | |")
+            if mode == "train" and args.cuda_graph:
+                rate = measure(f"ours {variant}, CUDA graph", ours, mode, batch, args, cuda_graph=True)
+                print(f"|  ratio CUDA graph/official | | | {rate / base:.2f}x | |")
+                if not args.no_compile:
+                    rate = measure(f"ours {variant}, compiled, CUDA graph", compiled, mode, batch, args,
+                                   cuda_graph=True, params_of=ours)
+                    print(f"|  ratio compiled + CUDA graph/official | | | {rate / base:.2f}x | |")
 
 
 if __name__ == "__main__":

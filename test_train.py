@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 import data
@@ -255,8 +256,11 @@ def test_benchmark_mode(capsys):
     ("unknown variant", ["--variant", "tiny"], "unknown variant 'tiny'"),
     ("batch size 0", ["--batch-size", "0"], "--batch-size must be positive"),
     ("corrupt resume", ["--data-dir", "{demo}", "--resume", "{corrupt}"], "cannot read checkpoint"),
+    ("CUDA graph on the CPU", ["--cuda-graph"], "--cuda-graph needs a CUDA GPU"),
 ])
 def test_bad_input_gives_one_line_and_exit_2(case, flags, message, demo_dir, tmp_path, capsys):
+    if "--cuda-graph" in flags and torch.cuda.is_available():
+        pytest.skip("there is a GPU: --cuda-graph is valid here")
     (tmp_path / "empty").mkdir()
     (tmp_path / "corrupt.pt").write_bytes(b"PK\x03\x04 truncated")
     flags = [f.format(empty=tmp_path / "empty", demo=demo_dir, corrupt=tmp_path / "corrupt.pt") for f in flags]
@@ -312,3 +316,31 @@ def test_resume_on_another_world_size_at_the_same_global_batch(demo_dir, tmp_pat
         r = run_train(*flags, "--batch-size", "4", "--epochs", "4")
         r.check_returncode()
     assert r.returncode == 2 and "global batch 8 (now 4)" in r.stderr
+
+
+def _all_reduce_mean_worker(rank, store, out):
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    tensors = _rank_tensors(rank)
+    views = [t[:, :2] for t in tensors[:1]] + tensors[1:]  # a non-contiguous view is averaged in place too
+    train.all_reduce_mean_(views)
+    torch.save(tensors, f"{out}{rank}.pt")
+    dist.destroy_process_group()
+
+
+def _rank_tensors(rank):
+    g = torch.Generator().manual_seed(100 + rank)
+    return [torch.randn(3, 4, generator=g), torch.randn(5, generator=g), torch.randn(2, 1, 3, generator=g)]
+
+
+def test_all_reduce_mean_averages_over_ranks_in_place(tmp_path):
+    """The gradient averaging of --cuda-graph (no DDP wrapper): one flat collective, written back."""
+    torch.multiprocessing.spawn(_all_reduce_mean_worker, args=(str(tmp_path / "store"), str(tmp_path / "r")),
+                                nprocs=2)
+    a, b = _rank_tensors(0), _rank_tensors(1)
+    expected = [(x + y) / 2 for x, y in zip(a, b)]
+    expected[0] = torch.cat([expected[0][:, :2], a[0][:, 2:]], dim=1)  # rank 0's columns outside the view
+    got = load(str(tmp_path / "r0.pt"))
+    for e, g in zip(expected, got):
+        torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-7)
+    got1 = load(str(tmp_path / "r1.pt"))
+    torch.testing.assert_close(got1[1], expected[1], rtol=1e-6, atol=1e-7)

@@ -108,6 +108,8 @@ def get_parser():
     p.add_argument("--amp", choices=("bf16", "fp16", "none"), default=None,
                    help="autocast dtype (default bf16 on GPU, none on CPU); fp16 uses a GradScaler")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--cuda-graph", action="store_true", help="replay forward + backward as one CUDA graph "
+                   "(GPU only, --accum-steps 1, not fp16): removes the kernel-launch overhead")
     p.add_argument("--save-minutes", type=float, default=30.0, help="also write last.pt every N minutes")
     p.add_argument("--max-bad-steps", type=int, default=10,
                    help="stop after this many non-finite steps in a row")
@@ -276,6 +278,21 @@ def all_reduce_sum(values, device):
     return t.tolist()
 
 
+def all_reduce_mean_(tensors):
+    """Average tensors over the ranks, in place, with one collective on one flat buffer."""
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat)
+    flat.div_(dist.get_world_size())
+    torch._foreach_copy_(tensors, [f.view_as(t) for f, t in zip(flat.split([t.numel() for t in tensors]), tensors)])
+
+
+def broadcast_from_rank0_(module):
+    """Make every rank's parameters and buffers rank 0's (what the DDP wrapper does when it is built)."""
+    if dist.is_initialized():
+        for t in module.state_dict().values():
+            dist.broadcast(t, 0)
+
+
 def average_bn_stats(model):
     """Average BatchNorm running statistics over ranks, so every rank evaluates the same network."""
     if not dist.is_initialized():
@@ -395,33 +412,87 @@ def mesa_loss(logits, ema_logits, weight, temperature=3.0):
                                   F.softmax(ema_logits.float() / temperature, dim=-1), reduction="batchmean")
 
 
+def forward_backward(model, ema, x, target, args, use_mesa, autocast, scale=lambda loss: loss):
+    """Forward, loss (+ MESA) and backward of one micro-batch; returns the loss, detached."""
+    with autocast:
+        logits = model(x)
+        loss = soft_cross_entropy(logits, target)
+        if use_mesa:
+            with torch.no_grad():
+                ema_logits = ema.module(x)
+            loss = loss + mesa_loss(logits, ema_logits, args.mesa)
+    scale(loss).backward()
+    return loss.detach()
+
+
+class CudaGraphStep:
+    """forward_backward of one micro-batch as a CUDA graph (--cuda-graph): captured on first use,
+    and again when MESA switches on, then replayed with each batch copied into its input buffers.
+
+    Why: MambaVision-T's eager training step launches ~1,500 small kernels, and the GPU idles for
+    most of the step while Python launches them (BENCHMARKS.md); one replay launches them all.
+    What it needs: fixed shapes (training batches are all full), no host sync inside the step, and
+    gradients that stay the tensors the captured backward wrote, so .grad is never set to None
+    (each replay overwrites it). Random draws (drop path) follow torch.manual_seed at each replay.
+    """
+
+    def __init__(self, model, fn):
+        self.model, self.fn, self.graph, self.key = model, fn, None, None
+
+    def __call__(self, x, target, key):
+        if self.graph is None or key != self.key:
+            self._capture(x, target, key)
+        self.x.copy_(x)
+        self.target.copy_(target)
+        self.graph.replay()
+        return self.loss
+
+    def _capture(self, x, target, key):
+        self.graph = self.loss = None  # drop the previous graph and its memory first
+        self.x, self.target, self.key = x.clone(), target.clone(), key
+        buffers = [b.clone() for b in self.model.buffers()]  # warm-up must not move BatchNorm stats
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the main stream: cuDNN autotuning, compilation
+            for _ in range(3):
+                self.model.zero_grad(set_to_none=True)
+                self.fn(self.x, self.target, key)
+        torch.cuda.current_stream().wait_stream(side)
+        for b, saved in zip(self.model.buffers(), buffers):
+            b.copy_(saved)
+        self.model.zero_grad(set_to_none=True)  # so the captured backward allocates the .grad tensors
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.loss = self.fn(self.x, self.target, key)
+
+
 def train_step(model, ema, optimizer, scaler, micro_batches, seeds, args, num_classes, use_mesa, autocast,
-               no_sync=contextlib.nullcontext):
+               no_sync=contextlib.nullcontext, graph=None):
     """One optimizer step over a list of micro-batches [(x, labels)], each with its seed: per micro-batch
     mixup/cutmix, forward, loss (+ MESA), backward of loss / len(micro_batches); then clip, optimizer
     step, EMA update. Returns (mean loss, grad_norm) as tensors on the device; a non-finite grad_norm
-    means the update was skipped (identical on every rank, since DDP has averaged the gradients by then)."""
+    means the update was skipped (identical on every rank, since the gradients are averaged by then).
+    With a CudaGraphStep (one micro-batch, no DDP wrapper), the gradients are averaged over the
+    ranks here, in one collective, after the replay."""
     loss_sum = 0.0
+    scale = lambda loss: scaler.scale(loss / len(micro_batches))  # noqa: E731  .grad: the micro-batch mean
     for m, ((x, labels), seed) in enumerate(zip(micro_batches, seeds)):
         torch.manual_seed(seed)  # drop path draws from the global generator
         x, target = data.mixup_cutmix(x, labels, num_classes, random.Random(seed), args.mixup, args.cutmix,
                                       smoothing=args.smoothing)
+        if graph is not None:
+            loss_sum = loss_sum + graph(x, target, use_mesa)
+            continue
         # DDP all-reduces gradients inside backward(). Only the sum over all micro-steps is needed,
         # so every micro-step but the last skips that communication (no_sync) and just accumulates
         # into .grad locally; the last backward all-reduces the accumulated gradients once.
         last = m == len(micro_batches) - 1
         with contextlib.nullcontext() if last else no_sync():  # the forward too: DDP prepares there
-            with autocast:
-                logits = model(x)
-                loss = soft_cross_entropy(logits, target)
-                if use_mesa:
-                    with torch.no_grad():
-                        ema_logits = ema.module(x)
-                    loss = loss + mesa_loss(logits, ema_logits, args.mesa)
-            scaler.scale(loss / len(micro_batches)).backward()  # .grad: the mean over micro-batches
-        loss_sum = loss_sum + loss.detach()
-    scaler.unscale_(optimizer)
+            loss_sum = loss_sum + forward_backward(model, ema, x, target, args, use_mesa, autocast, scale)
     params = [p for g in optimizer.param_groups for p in g["params"]]
+    if graph is not None and dist.is_initialized():
+        all_reduce_mean_([p.grad for p in params])
+    scaler.unscale_(optimizer)
     max_norm = args.clip_grad if args.clip_grad > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
     if scaler.is_enabled():
@@ -429,10 +500,28 @@ def train_step(model, ema, optimizer, scaler, micro_batches, seeds, args, num_cl
         scaler.update()
     elif torch.isfinite(grad_norm):
         optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    if graph is None:
+        optimizer.zero_grad(set_to_none=True)
     if ema is not None and torch.isfinite(grad_norm):
         ema.update()
     return loss_sum / len(micro_batches), grad_norm
+
+
+def wrap_for_training(model, ema, args, autocast):
+    """(the model the step calls, its no_sync, the CudaGraphStep or None). Without --cuda-graph: DDP
+    on several processes (it all-reduces gradients during backward), then torch.compile if asked.
+    With it: no DDP wrapper (a graph cannot hold DDP's per-step Python hooks; train_step averages the
+    gradients after the replay instead), weights taken from rank 0 as DDP would, and the captured
+    forward_backward calls the (compiled) model."""
+    if args.cuda_graph:
+        broadcast_from_rank0_(model)
+        step_model = torch.compile(model) if args.compile else model
+        graph = CudaGraphStep(model, lambda x, target, use_mesa: forward_backward(
+            step_model, ema, x, target, args, use_mesa, autocast))
+        return step_model, contextlib.nullcontext, graph
+    ddp_model = nn.parallel.DistributedDataParallel(model) if args.world_size > 1 else model
+    no_sync = ddp_model.no_sync if args.world_size > 1 else contextlib.nullcontext
+    return torch.compile(ddp_model) if args.compile else ddp_model, no_sync, None
 
 
 @torch.no_grad()
@@ -495,7 +584,7 @@ def train_one_epoch(epoch, state, loader, ema, args, ctx):
             # same chunk, and so the same seed, as rank m x world + r of a run without accumulation
             seeds = [step_seed(args, m * args.world_size + ctx["rank"], step) for m in range(args.accum_steps)]
             loss, grad_norm = train_step(model, ema, optimizer, scaler, micro_batches, seeds, args,
-                                         ctx["num_classes"], use_mesa, ctx["autocast"], ctx["no_sync"])
+                                         ctx["num_classes"], use_mesa, ctx["autocast"], ctx["no_sync"], ctx["graph"])
             state["step"] = step + 1
             data_wait += step_wait
             loss, finite = loss.item(), bool(torch.isfinite(grad_norm))
@@ -534,10 +623,8 @@ def benchmark(args, device, log):
     ema = ModelEma(model, args.ema_decay) if args.ema_decay > 0 else None
     optimizer = make_optimizer(model, args, device)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-    ddp_model = nn.parallel.DistributedDataParallel(model) if args.world_size > 1 else model
-    no_sync = ddp_model.no_sync if args.world_size > 1 else contextlib.nullcontext
-    step_model = torch.compile(ddp_model) if args.compile else ddp_model
     autocast = make_autocast(args, device)
+    step_model, no_sync, graph = wrap_for_training(model, ema, args, autocast)
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
     labels = torch.randint(0, 1000, (args.batch_size,), device=device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -548,7 +635,7 @@ def benchmark(args, device, log):
             micro_batches = [(x.clone().contiguous(memory_format=torch.channels_last), labels)
                              for _ in range(args.accum_steps)]
             train_step(step_model, ema, optimizer, scaler, micro_batches, [i] * args.accum_steps, args, 1000,
-                       use_mesa, autocast, no_sync)
+                       use_mesa, autocast, no_sync, graph)
         sync()
 
     run(10)  # warm-up: allocator, cuDNN autotuning, compilation
@@ -561,7 +648,8 @@ def benchmark(args, device, log):
     images = args.benchmark_steps * global_batch(vars(args))
     log(f"benchmark: variant {args.variant}, {args.world_size} process(es) x batch {args.batch_size} x "
         f"{args.accum_steps} micro-steps, {args.img_size} px, amp {args.amp}, opt {args.opt}, "
-        f"EMA {'on' if ema else 'off'}, MESA {'on' if use_mesa else 'off'}, compile {args.compile}: "
+        f"EMA {'on' if ema else 'off'}, MESA {'on' if use_mesa else 'off'}, compile {args.compile}, "
+        f"CUDA graph {args.cuda_graph}: "
         f"{images / seconds:.0f} images/s ({images / seconds / args.world_size:.0f} per process), "
         f"{1000 * seconds / args.benchmark_steps:.1f} ms/step, peak memory {peak:.2f} GiB")
 
@@ -645,6 +733,10 @@ def run(args, rank, world, device):
         if master:
             print(msg, flush=True)
 
+    if args.cuda_graph and (device.type != "cuda" or args.accum_steps > 1 or args.amp == "fp16"):
+        problem = "a CUDA GPU" if device.type != "cuda" else "--accum-steps 1" if args.accum_steps > 1 else \
+            "--amp bf16 or none (fp16's loss scaler is not captured)"
+        raise UsageError(f"--cuda-graph needs {problem}: drop --cuda-graph or change that setting")
     if args.deterministic:
         torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.benchmark = not args.deterministic
@@ -691,8 +783,8 @@ def run(args, rank, world, device):
     ema = ModelEma(model, args.ema_decay) if args.ema_decay > 0 else None
     if ema is not None and ckpt is not None and ckpt.get("ema") is not None:
         ema.module.load_state_dict(ckpt["ema"])
-    ddp_model = nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    step_model = torch.compile(ddp_model) if args.compile else ddp_model
+    autocast = make_autocast(args, device)
+    step_model, no_sync, graph = wrap_for_training(model, ema, args, autocast)
 
     config = {k: v for k, v in vars(args).items()}
     log("configuration:\n" + "\n".join(f"  {k}: {v}" for k, v in config.items()))
@@ -740,9 +832,9 @@ def run(args, rank, world, device):
         if also:  # the same bytes under a second name: a hard link, or a copy where links fail
             link_atomic(path, os.path.join(args.output_dir, also))
 
-    ctx = dict(model=step_model, no_sync=ddp_model.no_sync if world > 1 else contextlib.nullcontext,
+    ctx = dict(model=step_model, no_sync=no_sync, graph=graph,
                optimizer=optimizer, scaler=scaler, device=device, rank=rank, log=log,
-               num_classes=num_classes, steps_per_epoch=steps_per_epoch, autocast=make_autocast(args, device),
+               num_classes=num_classes, steps_per_epoch=steps_per_epoch, autocast=autocast,
                tqdm=tqdm, time_to_save=time_to_save, save=save)
     for epoch in range(state["epoch"], args.epochs):
         if args.max_steps is not None and state["step"] >= args.max_steps:
