@@ -514,7 +514,9 @@ def wrap_for_training(model, ema, args, autocast):
     gradients after the replay instead), weights taken from rank 0 as DDP would, and the captured
     forward_backward calls the (compiled) model."""
     if args.cuda_graph:
-        broadcast_from_rank0_(model)
+        for module in (model, ema.module if ema is not None else None):
+            if module is not None:
+                broadcast_from_rank0_(module)
         step_model = torch.compile(model) if args.compile else model
         graph = CudaGraphStep(model, lambda x, target, use_mesa: forward_backward(
             step_model, ema, x, target, args, use_mesa, autocast))
