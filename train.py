@@ -618,7 +618,8 @@ def train_one_epoch(epoch, state, loader, ema, args, ctx):
 def benchmark(args, device, log):
     """Time training steps (mixup, forward, loss, backward, clip, optimizer, EMA) on synthetic
     batches already on the device: images/s and peak memory, without data loading. Under torchrun
-    the model is wrapped in DDP as in training, and images/s counts all processes."""
+    the gradients are averaged over the processes as in training (DDP, or after the replay with
+    --cuda-graph), and images/s counts all processes."""
     torch.manual_seed(args.seed)
     model = build_model(args.variant, drop_path_rate=args.drop_path_rate, **model_overrides(args))
     model = model.to(device, memory_format=torch.channels_last).train()
