@@ -197,16 +197,28 @@ struct Tile {
     }
   }
 
-  // Write tokens [t0, t0 + 32) of this thread's real rows of dst (b, d, l) (pointer at (b, d0, 0))
-  // from a [rows][kRowPad] tile of records of W floats, field F.
-  template <typename T, int W, int F>
-  __device__ __forceinline__ void store_rows(T* __restrict__ dst, const float* s, int t0) const {
+  // Write tokens [t0, t0 + 32) of this thread's real rows of W tensors dst (b, d, l) (pointers at
+  // (b, d0, 0)) from a [rows][kRowPad] tile of records of W floats (field a goes to dst[a]).
+  template <typename T, int W>
+  __device__ __forceinline__ void store_rows(T* const (&dst)[W], const float* s, int t0) const {
     const int t = t0 + lane;
     if (t >= len) return;
+    const float* rec = s + (warp * kRowPad + lane) * W;  // record of row warp + j * warps
+    const int rec_step = warps * kRowPad * W;
+    unsigned off = tok_base + t;
 #pragma unroll
-    for (int j = 0; j < kRowsPerWarp; ++j)
-      if (j < nvalid)
-        dst[tok_base + (unsigned)j * row_step + (unsigned)t] = from_float<T>(s[((warp + j * warps) * kRowPad + lane) * W + F]);
+    for (int j = 0; j < kRowsPerWarp; ++j, rec += rec_step, off += row_step) {
+      if (j >= nvalid) break;
+      float v[W];
+      if constexpr (W == 2) {
+        const float2 x = *reinterpret_cast<const float2*>(rec);
+        v[0] = x.x; v[1] = x.y;
+      } else {
+        v[0] = *rec;
+      }
+#pragma unroll
+      for (int a = 0; a < W; ++a) dst[a][off] = from_float<T>(v[a]);
+    }
   }
 };
 
@@ -359,7 +371,7 @@ scan_fwd_kernel(const T* __restrict__ u, const T* __restrict__ delta, const floa
       }
     }
     __syncthreads();  // s_y complete; s_x, s_B, s_C free for the next chunk
-    tile.store_rows<T, 1, 0>(y_b, s_y, t0);
+    tile.store_rows<T, 1>({y_b}, s_y, t0);
   }
 }
 
@@ -380,8 +392,8 @@ scan_bwd_kernel(const T* __restrict__ u, const T* __restrict__ delta, const floa
   float* s_B = reinterpret_cast<float*>(s_x + rows * kRowPad);      // [kChunk][NMAX]
   float* s_C = s_B + kChunk * NMAX;                                 // [kChunk][NMAX]
   float2* s_out = reinterpret_cast<float2*>(s_C + kChunk * NMAX);   // [rows][kRowPad]: (du, ddelta)
-  float* s_red = reinterpret_cast<float*>(s_out + rows * kRowPad);  // [warps][2 NMAX][kChunk]: dB, dC sums
-  float2* s_par = reinterpret_cast<float2*>(s_red + warps * 2 * NMAX * kChunk);  // [rows]: (delta_bias, D)
+  float* s_red = reinterpret_cast<float*>(s_out + rows * kRowPad);  // [kMaxWarps][2 NMAX][kChunk]: dB, dC sums
+  float2* s_par = reinterpret_cast<float2*>(s_red + kMaxWarps * 2 * NMAX * kChunk);  // [rows]: (delta_bias, D)
 
   const int b = blockIdx.x, d0 = blockIdx.y * rows, row = threadIdx.x / kSplit, part = threadIdx.x % kSplit;
   const int d = d0 + row, valid_rows = min(rows, p.dim - d0);
@@ -389,6 +401,8 @@ scan_bwd_kernel(const T* __restrict__ u, const T* __restrict__ delta, const floa
   const bool active = d < p.dim;
   const Tile tile(valid_rows, p.len);
   stage_params(s_par, delta_bias, Dskip, d0, valid_rows);
+  for (int i = warps * 2 * NMAX * kChunk + threadIdx.x; i < kMaxWarps * 2 * NMAX * kChunk; i += blockDim.x)
+    s_red[i] = 0.f;  // the slots of absent warps, summed with the others
   float A2[NT];
 #pragma unroll
   for (int i = 0; i < NT; ++i) {
@@ -406,7 +420,7 @@ scan_bwd_kernel(const T* __restrict__ u, const T* __restrict__ delta, const floa
   const float* my_seg_state = seg_state + ((int64_t)b * p.dim + (active ? d : d0)) * n_seg * NMAX + part * NT;
   const float4* my_x = s_x + row * kRowPad;
   float* my_out = reinterpret_cast<float*>(s_out + row * kRowPad) + part;  // parts 0, 1: du, ddelta
-  __syncthreads();  // s_par
+  __syncthreads();  // s_par, s_red
 
   float carry[NT];   // a_{t+1} g_{t+1}: the gradient reaching h_t through h_{t+1}
   float dA_acc[NT];
@@ -491,15 +505,18 @@ scan_bwd_kernel(const T* __restrict__ u, const T* __restrict__ delta, const floa
       }
     }
     __syncthreads();
-    tile.store_rows<T, 2, 0>(du_b, reinterpret_cast<const float*>(s_out), t0);
-    tile.store_rows<T, 2, 1>(ddelta_b, reinterpret_cast<const float*>(s_out), t0);
-    float* out = dBC_part + ((int64_t)blockIdx.y * p.batch + b) * 2 * NMAX * p.len;
-    for (int i = threadIdx.x; i < 2 * NMAX * kChunk; i += blockDim.x) {
-      const int m = i / kChunk, c = i % kChunk;
-      if (c < len) {
+    tile.store_rows<T, 2>({du_b, ddelta_b}, reinterpret_cast<const float*>(s_out), t0);
+    // dB, dC of the chunk: sum the warps' partials in a fixed order; warp w writes rows m = w,
+    // w + warps, ... of the [2 NMAX][l] slab, one token per lane.
+    float* out = dBC_part + ((int64_t)blockIdx.y * p.batch + b) * 2 * NMAX * p.len + t0 + lane;
+#pragma unroll
+    for (int q = 0; q < (2 * NMAX + kMinWarps - 1) / kMinWarps; ++q) {
+      const int m = warp + q * warps;
+      if (m < 2 * NMAX && lane < len) {
         float sum = 0.f;
-        for (int w = 0; w < warps; ++w) sum += s_red[(w * 2 * NMAX + m) * kChunk + c];  // fixed order
-        out[(int64_t)m * p.len + t0 + c] = sum;
+#pragma unroll
+        for (int w = 0; w < kMaxWarps; ++w) sum += s_red[(w * 2 * NMAX + m) * kChunk + lane];  // absent warps: 0
+        out[m * p.len] = sum;
       }
     }
     // The next chunk's loads overwrite s_x, s_B, s_C only (read before the barrier above); s_out
@@ -531,7 +548,7 @@ size_t fwd_smem(int threads, int nmax) {
 size_t bwd_smem(int threads, int nmax) {
   const int rows = threads / kSplit;
   return sizeof(float4) * rows * kRowPad + sizeof(float) * 2 * kChunk * nmax + sizeof(float2) * rows * kRowPad +
-         sizeof(float) * (threads / 32) * 2 * nmax * kChunk + sizeof(float2) * rows;
+         sizeof(float) * kMaxWarps * 2 * nmax * kChunk + sizeof(float2) * rows;
 }
 
 template <typename T, int NMAX>
