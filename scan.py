@@ -143,7 +143,7 @@ def _build_extension():
     lib = ctypes.CDLL(path)
     ptr, i32 = ctypes.c_void_p, ctypes.c_int
     lib.mv_scan_fwd.argtypes = [i32] * 6 + [ptr] * 10
-    lib.mv_scan_bwd.argtypes = [i32] * 6 + [ptr] * 14
+    lib.mv_scan_bwd.argtypes = [i32] * 6 + [ptr] * 19
     lib.mv_scan_error_string.restype = ctypes.c_char_p
     for n in (1, 8, 9, 16):  # the fake impls must know the saved states' shape without the library
         if (lib.mv_scan_state_max(n), lib.mv_scan_seg_len(n)) != _state_layout(n):
@@ -208,38 +208,39 @@ def _kernel_fwd(u, delta, A, B, C, D, delta_bias, delta_softplus, y=None, seg_st
 
 
 def _kernel_bwd_buffers(u, A):
-    """The backward's outputs and work buffers: du, ddelta (u's shape and dtype), per-block
-    partials of dB and dC, and per-(b, d) partials of dA, dD, ddelta_bias."""
+    """The backward's outputs, the seven gradients (du, ddelta in u's dtype and shape; dA (d, n),
+    dD, ddelta_bias (d,) float32; dB, dC (b, n, l) in u's dtype), and its work buffers: per-block
+    partials of dB and dC and per-(b, d) partials of dA, dD, ddelta_bias."""
     lib, (batch, dim, length), n = _build["lib"], u.shape, A.shape[1]
     nmax = lib.mv_scan_state_max(n)
     f32 = dict(device=u.device, dtype=torch.float32)
-    return dict(du=torch.empty_like(u), ddelta=torch.empty_like(u),
+    return dict(du=torch.empty_like(u), ddelta=torch.empty_like(u), dA=torch.empty(dim, n, **f32),
+                dB=u.new_empty(batch, n, length), dC=u.new_empty(batch, n, length),
+                dD=torch.empty(dim, **f32), ddelta_bias=torch.empty(dim, **f32),
                 dBC_part=torch.empty(lib.mv_scan_channel_blocks(dim), batch, 2 * nmax, length, **f32),
                 dADb_part=torch.empty(batch, dim, nmax + 2, **f32))
 
 
 def _kernel_bwd(u, delta, A, B, C, D, delta_bias, seg_state, dy, delta_softplus, buffers=None):
-    """The seven gradients by scan_cuda.cu, from the segment states the training forward saved:
-    the kernel writes per-block partials of dB, dC and per (b, d) partials of dA, dD, ddelta_bias;
-    torch sums them here in a fixed order (deterministic). `buffers`: optional, as
-    _kernel_bwd_buffers returns them (the tests pass NaN-filled ones)."""
+    """The seven gradients (du, ddelta, dA, dB, dC, dD, ddelta_bias) by scan_cuda.cu, from the
+    segment states the training forward saved; two launches, the second summing the first's
+    partials in a fixed order (deterministic). `buffers`: optional, as _kernel_bwd_buffers returns
+    them (the tests pass NaN-filled ones)."""
     lib, (batch, dim, length), n = _build["lib"], u.shape, A.shape[1]
-    nmax = lib.mv_scan_state_max(n)
     buf = _kernel_bwd_buffers(u, A) if buffers is None else buffers
-    du, ddelta, dBC_part, dADb_part = buf["du"], buf["ddelta"], buf["dBC_part"], buf["dADb_part"]
+    names = ("du", "ddelta", "dA", "dB", "dC", "dD", "ddelta_bias")
     if u.numel() == 0:
-        dBC_part.zero_()
-        dADb_part.zero_()
+        for name in ("dA", "dD", "ddelta_bias"):
+            buf[name].zero_()
     else:
         with torch.cuda.device(u.device):
             _check_launch(lib.mv_scan_bwd(
                 _KERNEL_DTYPES[u.dtype], batch, dim, length, n, int(delta_softplus),
-                *(t.data_ptr() for t in (u, delta, A, B, C, D, delta_bias, seg_state, dy, du, ddelta, dBC_part,
-                                         dADb_part)),
+                *(t.data_ptr() for t in (u, delta, A, B, C, D, delta_bias, seg_state, dy)),
+                *(buf[k].data_ptr() for k in ("du", "ddelta", "dBC_part", "dADb_part", "dB", "dC", "dA", "dD",
+                                              "ddelta_bias")),
                 torch.cuda.current_stream().cuda_stream))
-    dBC, dADb = dBC_part.sum(0), dADb_part.sum(0)  # (b, 2 nmax, l), (d, nmax + 2)
-    grads = du, ddelta, dADb[:, :n], dBC[:, :n], dBC[:, nmax:nmax + n], dADb[:, nmax], dADb[:, nmax + 1]
-    return tuple(g if g is du or g is ddelta else g.clone(memory_format=torch.contiguous_format) for g in grads)
+    return tuple(buf[name] for name in names)
 
 
 def _use_kernel(u, A):

@@ -39,11 +39,12 @@
 // them. The two row sums of a reverse step (sum_n g B and d(dt)) share one pair of shuffles.
 // Reductions are deterministic: dB, dC are summed over a block's channels by fixed-order warp
 // shuffles and shared memory, then written as per-block partials; dA, dD, ddelta_bias are written
-// per (b, d); the host sums the partials with torch's (deterministic) sum. No atomics.
+// per (b, d); a second small kernel (scan_bwd_finish_kernel) sums the partials in a fixed order
+// and writes the final gradients (dB, dC in the inputs' dtype). No atomics.
 //
 // The file includes no PyTorch header, so that it builds in seconds: scan.py allocates every
-// buffer with torch, passes raw pointers and the current stream through ctypes to the extern "C"
-// launchers at the end, and sums the partials.
+// buffer with torch and passes raw pointers and the current stream through ctypes to the
+// extern "C" launchers at the end.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -531,6 +532,39 @@ scan_bwd_kernel(const T* __restrict__ u, const T* __restrict__ delta, const floa
   }
 }
 
+// The backward's last step, one launch: sums the partials in a fixed order into the final
+// gradients. Blocks [0, bc_blocks): one thread per element of dB, dC (b, n, l), summing the
+// channel blocks' dBC_part; the other blocks: one thread per (d, k) of dA (k < n), dD (k = n) and
+// ddelta_bias (k = n + 1), summing dADb_part over the batch.
+template <typename T, int NMAX>
+__global__ void __launch_bounds__(256)
+scan_bwd_finish_kernel(const float* __restrict__ dBC_part, const float* __restrict__ dADb_part,
+                       T* __restrict__ dB, T* __restrict__ dC, float* __restrict__ dA, float* __restrict__ dD,
+                       float* __restrict__ ddelta_bias, ScanShape p, int channel_blocks, int bc_blocks) {
+  const int n = p.nstate;
+  if ((int)blockIdx.x < bc_blocks) {
+    const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;  // (b, m, t), m < 2 n
+    if (i >= (int64_t)p.batch * 2 * n * p.len) return;
+    const int t = i % p.len, m = (i / p.len) % (2 * n), b = i / ((int64_t)p.len * 2 * n);
+    const int row = m < n ? m : NMAX + m - n;  // dB rows 0.., dC rows NMAX.. of the partials
+    const float* src = dBC_part + ((int64_t)b * 2 * NMAX + row) * p.len + t;
+    const int64_t part_step = (int64_t)p.batch * 2 * NMAX * p.len;
+    float sum = 0.f;
+    for (int k = 0; k < channel_blocks; ++k) sum += src[k * part_step];
+    (m < n ? dB : dC)[((int64_t)b * n + m % n) * p.len + t] = from_float<T>(sum);
+  } else {
+    const int j = (blockIdx.x - bc_blocks) * blockDim.x + threadIdx.x;  // (d, k), k < n + 2
+    if (j >= p.dim * (n + 2)) return;
+    const int d = j / (n + 2), k = j % (n + 2);
+    const float* src = dADb_part + (int64_t)d * (NMAX + 2) + (k < n ? k : NMAX + k - n);
+    float sum = 0.f;
+#pragma unroll 16
+    for (int b = 0; b < p.batch; ++b) sum += src[(int64_t)b * p.dim * (NMAX + 2)];
+    if (k < n) dA[d * n + k] = sum;
+    else (k == n ? dD : ddelta_bias)[d] = sum;
+  }
+}
+
 // Channels per block: whole warps (32 / kSplit channels each), kMinWarps..kMaxWarps, spread
 // evenly over the fewest blocks.
 dim3 block_grid(int batch, int dim, int* threads) {
@@ -569,7 +603,8 @@ int launch_fwd(const ScanShape& p, const void* u, const void* delta, const float
 template <typename T, int NMAX>
 int launch_bwd(const ScanShape& p, const void* u, const void* delta, const float* A, const void* B, const void* C,
                const float* D, const float* delta_bias, const float* seg_state, const void* dy, void* du,
-               void* ddelta, float* dBC_part, float* dADb_part, cudaStream_t stream) {
+               void* ddelta, float* dBC_part, float* dADb_part, void* dB, void* dC, float* dA, float* dD,
+               float* ddelta_bias, cudaStream_t stream) {
   int threads;
   const dim3 grid = block_grid(p.batch, p.dim, &threads);
   const size_t smem = bwd_smem(threads, NMAX);
@@ -580,6 +615,13 @@ int launch_bwd(const ScanShape& p, const void* u, const void* delta, const float
       static_cast<const T*>(u), static_cast<const T*>(delta), A, static_cast<const T*>(B),
       static_cast<const T*>(C), D, delta_bias, seg_state, static_cast<const T*>(dy), static_cast<T*>(du),
       static_cast<T*>(ddelta), dBC_part, dADb_part, p);
+  err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  const int64_t bc_elems = (int64_t)p.batch * 2 * p.nstate * p.len;
+  const int bc_blocks = (int)((bc_elems + 255) / 256), adb_blocks = (p.dim * (p.nstate + 2) + 255) / 256;
+  auto finish = scan_bwd_finish_kernel<T, NMAX>;
+  finish<<<bc_blocks + adb_blocks, 256, 0, stream>>>(dBC_part, dADb_part, static_cast<T*>(dB), static_cast<T*>(dC),
+                                                    dA, dD, ddelta_bias, p, (int)grid.y, bc_blocks);
   return cudaGetLastError();
 }
 
@@ -609,7 +651,8 @@ bool valid_shape(const ScanShape& p) {
 // The C interface scan.py calls through ctypes. Tensors are contiguous and on the current device:
 // u, delta, dy, y, du, ddelta (b, d, l) and B, C (b, n, l) in the dtype given by the code,
 // A (d, n), D, delta_bias (d,) float32; seg_state (b, d, ceil(l / seg_len), state_max) float32;
-// buffers as in scan_bwd_kernel. Returns 0 or a CUDA error code (-1: bad arguments). Nothing here
+// partial buffers as in scan_bwd_kernel; gradients dB, dC (b, n, l) in the dtype given, dA (d, n),
+// dD, ddelta_bias (d,) float32. Returns 0 or a CUDA error code (-1: bad arguments). Nothing here
 // synchronises with the host.
 extern "C" {
 
@@ -641,13 +684,13 @@ int mv_scan_fwd(int dtype, int batch, int dim, int len, int nstate, int softplus
 int mv_scan_bwd(int dtype, int batch, int dim, int len, int nstate, int softplus, const void* u, const void* delta,
                 const float* A, const void* B, const void* C, const float* D, const float* delta_bias,
                 const float* seg_state, const void* dy, void* du, void* ddelta, float* dBC_part, float* dADb_part,
-                void* stream) {
+                void* dB, void* dC, float* dA, float* dD, float* ddelta_bias, void* stream) {
   const ScanShape p{batch, dim, len, nstate, softplus != 0};
   if (!valid_shape(p) || seg_state == nullptr) return -1;
   return dispatch(dtype, nstate, [&](auto t_tag, auto n_tag) {
     return launch_bwd<decltype(t_tag), decltype(n_tag)::value>(p, u, delta, A, B, C, D, delta_bias, seg_state, dy,
-                                                                 du, ddelta, dBC_part, dADb_part,
-                                                                 static_cast<cudaStream_t>(stream));
+                                                                 du, ddelta, dBC_part, dADb_part, dB, dC, dA, dD,
+                                                                 ddelta_bias, static_cast<cudaStream_t>(stream));
   });
 }
 
