@@ -293,7 +293,7 @@ __device__ __forceinline__ void stage_params(float2* s_par, const float* delta_b
 }
 
 template <typename T, int NMAX>
-__global__ void __launch_bounds__(kMaxWarps * 32, NMAX <= 8 ? 3 : 2)
+__global__ void __launch_bounds__(kMaxWarps * 32, NMAX <= 8 ? 4 : 3)  // 64 / 80 registers, no spills
 scan_fwd_kernel(const T* __restrict__ u, const T* __restrict__ delta, const float* __restrict__ A,
                 const T* __restrict__ Bs, const T* __restrict__ Cs, const float* __restrict__ Dskip,
                 const float* __restrict__ delta_bias, T* __restrict__ y,
