@@ -175,8 +175,8 @@ def _check_launch(code):
 
 
 def _state_layout(n):
-    """(states stored per token, tokens per segment) of the forward's saved segment states for
-    d_state n, as in scan_cuda.cu (kSegLen)."""
+    """(nmax, seg) of the segment states the training forward saves for d_state n, as in
+    scan_cuda.cu: nmax floats per saved state (kernel's NMAX), one state every seg tokens (kSegLen)."""
     return (8, 8) if n <= 8 else (16, 4)
 
 

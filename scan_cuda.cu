@@ -21,9 +21,9 @@
 // unrolled, branch-free segments of K tokens (K = 8 for NMAX 8, 4 for NMAX 16).
 //
 // Forward (scan_fwd_kernel): one pass. When gradients will be needed (scan.py's training op), it
-// also writes the state entering every segment, seg_state[b][d][seg][NMAX] (4 bytes per token and
-// channel for n <= 8), so that the backward needs no forward pass of its own; inference passes
-// seg_state = nullptr and pays nothing.
+// also writes the state entering every segment, seg_state[b][d][seg][NMAX] (float32: 4 bytes per
+// token and channel for n <= 8, 16 for n <= 16), so that the backward needs no forward pass of
+// its own; inference passes seg_state = nullptr and pays nothing.
 //
 // Backward (scan_bwd_kernel), per row, with g_t = dLoss/dh_t and a_t = exp(dt_t * A) (per state n):
 //     g_t       = a_{t+1} g_{t+1} + dy_t C_t                (reverse-time recurrence)
