@@ -142,9 +142,12 @@ def _build_extension():
     )
     lib = ctypes.CDLL(path)
     ptr, i32 = ctypes.c_void_p, ctypes.c_int
-    lib.mv_scan_fwd.argtypes = [i32] * 6 + [ptr] * 9
-    lib.mv_scan_bwd.argtypes = [i32] * 6 + [ptr] * 14
+    lib.mv_scan_fwd.argtypes = [i32] * 6 + [ptr] * 10
+    lib.mv_scan_bwd.argtypes = [i32] * 6 + [ptr] * 19
     lib.mv_scan_error_string.restype = ctypes.c_char_p
+    for n in (1, 8, 9, 16):  # the fake impls must know the saved states' shape without the library
+        if (lib.mv_scan_state_max(n), lib.mv_scan_seg_len(n)) != _state_layout(n):
+            raise RuntimeError("scan.py's _state_layout disagrees with scan_cuda.cu (a stale build?)")
     return lib
 
 
@@ -171,9 +174,27 @@ def _check_launch(code):
         raise RuntimeError(f"selective scan CUDA kernel failed: {_build['lib'].mv_scan_error_string(code).decode()}")
 
 
-def _kernel_fwd(u, delta, A, B, C, D, delta_bias, delta_softplus, y=None):
+def _state_layout(n):
+    """(nmax, seg) of the segment states the training forward saves for d_state n, as in
+    scan_cuda.cu: nmax floats per saved state (kernel's NMAX), one state every seg tokens (kSegLen)."""
+    return (8, 8) if n <= 8 else (16, 4)
+
+
+def _seg_state_shape(u, A):
+    """Shape of the segment-entry states the training forward saves for the backward: (b, d,
+    ceil(l / seg), nmax) float32 for tensors the kernel takes, (0,) for the reference."""
+    (batch, dim, length), n = u.shape, A.shape[1]
+    if not (u.device.type == "cuda" and _kernel_fits(u, A)):
+        return (0,)
+    nmax, seg = _state_layout(n)
+    return (batch, dim, -(-length // seg), nmax)
+
+
+def _kernel_fwd(u, delta, A, B, C, D, delta_bias, delta_softplus, y=None, seg_state=None):
     """y = scan(...) by scan_cuda.cu; inputs as _kernel_inputs returns them. `y`: an optional
-    preallocated output (the tests pass one filled with NaN to prove every element is written)."""
+    preallocated output (the tests pass one filled with NaN to prove every element is written).
+    `seg_state` (shape from _seg_state_shape, float32): if given, the kernel also stores there the
+    state entering every segment, for the backward; None (inference) skips that."""
     y = torch.empty_like(u) if y is None else y
     (batch, dim, length), n = u.shape, A.shape[1]
     if y.numel() == 0:
@@ -181,44 +202,45 @@ def _kernel_fwd(u, delta, A, B, C, D, delta_bias, delta_softplus, y=None):
     with torch.cuda.device(u.device):
         _check_launch(_build["lib"].mv_scan_fwd(
             _KERNEL_DTYPES[u.dtype], batch, dim, length, n, int(delta_softplus),
-            *(t.data_ptr() for t in (u, delta, A, B, C, D, delta_bias, y)), torch.cuda.current_stream().cuda_stream))
+            *(t.data_ptr() for t in (u, delta, A, B, C, D, delta_bias, y)),
+            None if seg_state is None else seg_state.data_ptr(), torch.cuda.current_stream().cuda_stream))
     return y
 
 
 def _kernel_bwd_buffers(u, A):
-    """The backward's outputs and work buffers: du, ddelta (u's shape and dtype), per-block
-    partials of dB and dC, per-(b, d) partials of dA, dD, ddelta_bias, and the kernel's scratch
-    of segment-entry states."""
-    lib, (batch, dim, length), n = _build["lib"], u.shape, A.shape[1]
-    nmax, seg = lib.mv_scan_state_max(n), lib.mv_scan_seg_len(n)
-    f32 = dict(device=u.device, dtype=torch.float32)
-    return dict(du=torch.empty_like(u), ddelta=torch.empty_like(u),
-                dBC_part=torch.empty(lib.mv_scan_channel_blocks(dim), batch, 2 * nmax, length, **f32),
-                dADb_part=torch.empty(batch, dim, nmax + 2, **f32),
-                seg_state=torch.empty(batch, dim, -(-length // seg), nmax, **f32))
-
-
-def _kernel_bwd(u, delta, A, B, C, D, delta_bias, dy, delta_softplus, buffers=None):
-    """The seven gradients by scan_cuda.cu: the kernel writes per-block partials of dB, dC and per
-    (b, d) partials of dA, dD, ddelta_bias; torch sums them here in a fixed order (deterministic).
-    `buffers`: optional, as _kernel_bwd_buffers returns them (the tests pass NaN-filled ones)."""
+    """The backward's outputs, the seven gradients (du, ddelta in u's dtype and shape; dA (d, n),
+    dD, ddelta_bias (d,) float32; dB, dC (b, n, l) in u's dtype), and its work buffers: per-block
+    partials of dB and dC and per-(b, d) partials of dA, dD, ddelta_bias."""
     lib, (batch, dim, length), n = _build["lib"], u.shape, A.shape[1]
     nmax = lib.mv_scan_state_max(n)
+    f32 = dict(device=u.device, dtype=torch.float32)
+    return dict(du=torch.empty_like(u), ddelta=torch.empty_like(u), dA=torch.empty(dim, n, **f32),
+                dB=u.new_empty(batch, n, length), dC=u.new_empty(batch, n, length),
+                dD=torch.empty(dim, **f32), ddelta_bias=torch.empty(dim, **f32),
+                dBC_part=torch.empty(lib.mv_scan_channel_blocks(dim), batch, 2 * nmax, length, **f32),
+                dADb_part=torch.empty(batch, dim, nmax + 2, **f32))
+
+
+def _kernel_bwd(u, delta, A, B, C, D, delta_bias, seg_state, dy, delta_softplus, buffers=None):
+    """The seven gradients (du, ddelta, dA, dB, dC, dD, ddelta_bias) by scan_cuda.cu, from the
+    segment states the training forward saved; two launches, the second summing the first's
+    partials in a fixed order (deterministic). `buffers`: optional, as _kernel_bwd_buffers returns
+    them (the tests pass NaN-filled ones)."""
+    lib, (batch, dim, length), n = _build["lib"], u.shape, A.shape[1]
     buf = _kernel_bwd_buffers(u, A) if buffers is None else buffers
-    du, ddelta, dBC_part, dADb_part = buf["du"], buf["ddelta"], buf["dBC_part"], buf["dADb_part"]
+    names = ("du", "ddelta", "dA", "dB", "dC", "dD", "ddelta_bias")
     if u.numel() == 0:
-        dBC_part.zero_()
-        dADb_part.zero_()
+        for name in ("dA", "dD", "ddelta_bias"):
+            buf[name].zero_()
     else:
         with torch.cuda.device(u.device):
             _check_launch(lib.mv_scan_bwd(
                 _KERNEL_DTYPES[u.dtype], batch, dim, length, n, int(delta_softplus),
-                *(t.data_ptr() for t in (u, delta, A, B, C, D, delta_bias, dy, du, ddelta, dBC_part, dADb_part,
-                                         buf["seg_state"])),
+                *(t.data_ptr() for t in (u, delta, A, B, C, D, delta_bias, seg_state, dy)),
+                *(buf[k].data_ptr() for k in ("du", "ddelta", "dBC_part", "dADb_part", "dB", "dC", "dA", "dD",
+                                              "ddelta_bias")),
                 torch.cuda.current_stream().cuda_stream))
-    dBC, dADb = dBC_part.sum(0), dADb_part.sum(0)  # (b, 2 nmax, l), (d, nmax + 2)
-    grads = du, ddelta, dADb[:, :n], dBC[:, :n], dBC[:, nmax:nmax + n], dADb[:, nmax], dADb[:, nmax + 1]
-    return tuple(g if g is du or g is ddelta else g.clone(memory_format=torch.contiguous_format) for g in grads)
+    return tuple(buf[name] for name in names)
 
 
 def _use_kernel(u, A):
@@ -231,6 +253,10 @@ def _kernel_inputs(u, delta, A, B, C, D, delta_bias):
     return (*(t.to(dtype).contiguous() for t in (u, delta)), A.float().contiguous(),
             *(t.to(dtype).contiguous() for t in (B, C)), D.float().contiguous(), delta_bias.float().contiguous())
 
+
+# Three custom ops. Inference runs `selective_scan` (y only). Training runs `selective_scan_train`,
+# whose forward also returns the segment-entry states that `selective_scan_backward` starts from,
+# so the backward needs no forward pass of its own; autograd saves them between the two.
 
 @torch.library.custom_op("mambavision::selective_scan", mutates_args=())
 def _scan_op(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
@@ -247,22 +273,41 @@ def _(u, delta, A, B, C, D, delta_bias, delta_softplus):
     return u.new_empty(u.shape)
 
 
+@torch.library.custom_op("mambavision::selective_scan_train", mutates_args=())
+def _scan_train_op(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                   D: torch.Tensor, delta_bias: torch.Tensor, delta_softplus: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, seg_state): y as `selective_scan`, and the states the backward starts from (shape from
+    _seg_state_shape; zeros where the reference runs, which needs none)."""
+    seg_state = u.new_empty(_seg_state_shape(u, A), dtype=torch.float32)
+    with torch.autocast(u.device.type, enabled=False):
+        if not _use_kernel(u, A):
+            return selective_scan_ref(u, delta, A, B, C, D, delta_bias, delta_softplus), seg_state.zero_()
+        args = _kernel_inputs(u, delta, A, B, C, D, delta_bias)
+        return _kernel_fwd(*args, delta_softplus, seg_state=seg_state).to(u.dtype), seg_state
+
+
+@_scan_train_op.register_fake
+def _(u, delta, A, B, C, D, delta_bias, delta_softplus):
+    return u.new_empty(u.shape), u.new_empty(_seg_state_shape(u, A), dtype=torch.float32)
+
+
 @torch.library.custom_op("mambavision::selective_scan_backward", mutates_args=())
 def _scan_backward_op(
     u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, D: torch.Tensor,
-    delta_bias: torch.Tensor, dy: torch.Tensor, delta_softplus: bool,
+    delta_bias: torch.Tensor, seg_state: torch.Tensor, dy: torch.Tensor, delta_softplus: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     inputs = (u, delta, A, B, C, D, delta_bias)
     with torch.autocast(u.device.type, enabled=False):
         if not _use_kernel(u, A):
             return selective_scan_bwd_ref(*inputs, dy, delta_softplus)
         args = _kernel_inputs(*inputs)
-        grads = _kernel_bwd(*args, dy.to(args[0].dtype).contiguous(), delta_softplus)
+        grads = _kernel_bwd(*args, seg_state, dy.to(args[0].dtype).contiguous(), delta_softplus)
         return tuple(grad.to(inp.dtype) for grad, inp in zip(grads, inputs))
 
 
 @_scan_backward_op.register_fake
-def _(u, delta, A, B, C, D, delta_bias, dy, delta_softplus):
+def _(u, delta, A, B, C, D, delta_bias, seg_state, dy, delta_softplus):
     return tuple(t.new_empty(t.shape) for t in (u, delta, A, B, C, D, delta_bias))
 
 
@@ -272,17 +317,34 @@ def _scan_setup_context(ctx, inputs, output):
 
 
 def _scan_backward(ctx, dy):
-    grads = _scan_backward_op(*ctx.saved_tensors, dy, ctx.delta_softplus)
+    """Backward of the inference op (called with inputs that need gradients, which
+    `selective_scan` routes to the training op instead): recompute the states first."""
+    _, seg_state = _scan_train_op(*ctx.saved_tensors, ctx.delta_softplus)
+    grads = _scan_backward_op(*ctx.saved_tensors, seg_state, dy, ctx.delta_softplus)
+    return (*grads, None)
+
+
+def _scan_train_setup_context(ctx, inputs, output):
+    *tensors, ctx.delta_softplus = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(*tensors, output[1])
+
+
+def _scan_train_backward(ctx, dy, _dseg_state):
+    *inputs, seg_state = ctx.saved_tensors
+    grads = _scan_backward_op(*inputs, seg_state, dy, ctx.delta_softplus)
     return (*grads, None)
 
 
 _scan_op.register_autograd(_scan_backward, setup_context=_scan_setup_context)
+_scan_train_op.register_autograd(_scan_train_backward, setup_context=_scan_train_setup_context)
 
 
 def selective_scan(u, delta, A, B, C, D, delta_bias, delta_softplus=True):
     """The one entry the model calls. Arguments as in the module docstring; returns y (b, d, l).
 
     CUDA tensors run the fused kernels of scan_cuda.cu (built on first use), others the reference;
+    when gradients are needed, the training forward also saves the states the backward starts from;
     MAMBAVISION_SCAN=ref or =cuda forces one path. The kernels take u, delta, B, C in float32,
     float16 or bfloat16 and d_state up to 16; anything else runs the reference.
     """
@@ -295,7 +357,10 @@ def selective_scan(u, delta, A, B, C, D, delta_bias, delta_softplus=True):
                          "run the reference")
     if mode == "ref" or not (u.is_cuda and _kernel_fits(u, A)):
         return selective_scan_ref(u, delta, A, B, C, D, delta_bias, delta_softplus)
-    return _scan_op(u, delta, A, B, C, D, delta_bias, delta_softplus)
+    tensors = (u, delta, A, B, C, D, delta_bias)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return _scan_train_op(*tensors, delta_softplus)[0]  # also saves the states for the backward
+    return _scan_op(*tensors, delta_softplus)
 
 
 def scan_path(device):
@@ -381,7 +446,7 @@ def _min_bytes(batch, d, l, n, dtype):
     return fwd, fwd + bwd
 
 
-def bench():
+def bench(reference=True):
     if not torch.cuda.is_available():
         sys.exit("scan.py --bench needs a CUDA GPU")
     os.environ["MAMBAVISION_SCAN"] = "cuda"  # fail loudly instead of timing the reference twice
@@ -391,11 +456,12 @@ def bench():
           f"kernel build/load {time.perf_counter() - t0:.1f} s")
     copy_bw = _copy_bandwidth()
     print(f"device-to-device copy: {copy_bw / 1e12:.2f} TB/s (read + write)")
-    fwd_op, bwd_op = torch.ops.mambavision.selective_scan, torch.ops.mambavision.selective_scan_backward
+    ops = torch.ops.mambavision
+    fwd_op, train_op, bwd_op = ops.selective_scan, ops.selective_scan_train, ops.selective_scan_backward
 
-    def kernel_fwd_bwd(u, delta, A, B, C, D, delta_bias, dy):
-        fwd_op(u, delta, A, B, C, D, delta_bias, True)
-        bwd_op(u, delta, A, B, C, D, delta_bias, dy, True)
+    def kernel_fwd_bwd(u, delta, A, B, C, D, delta_bias, dy):  # what a training step runs for the scan
+        _, seg_state = train_op(u, delta, A, B, C, D, delta_bias, True)
+        bwd_op(u, delta, A, B, C, D, delta_bias, seg_state, dy, True)
 
     def ref_fwd_bwd(u, delta, A, B, C, D, delta_bias, dy):
         inputs = [t.detach().requires_grad_() for t in (u, delta, A, B, C, D, delta_bias)]
@@ -409,32 +475,37 @@ def bench():
                 inputs = _bench_inputs(batch, d, l, n, dtype)
                 sets.append((*inputs, torch.randn(batch, d, l, device="cuda").to(dtype)))
             fwd = _graph_time_us(lambda *a: fwd_op(*a[:7], True), sets)
+            train_fwd = _graph_time_us(lambda *a: train_op(*a[:7], True), sets)
             both = _graph_time_us(kernel_fwd_bwd, sets)
-            with torch.no_grad():
-                ref_fwd = _eager_time_us(lambda *a: selective_scan_ref(*a[:7]), sets[0])
-            ref_both = _eager_time_us(ref_fwd_bwd, sets[0])
+            ref_fwd = ref_both = float("nan")
+            if reference:
+                with torch.no_grad():
+                    ref_fwd = _eager_time_us(lambda *a: selective_scan_ref(*a[:7]), sets[0])
+                ref_both = _eager_time_us(ref_fwd_bwd, sets[0])
             del sets
             fwd_bytes, both_bytes = _min_bytes(batch, d, l, n, dtype)
-            rows.append((name, batch, d, l, n, str(dtype).replace("torch.", ""), fwd, both, ref_fwd, ref_both,
-                         both_bytes / 1e6, both_bytes / (both * 1e-6) / copy_bw))
+            rows.append((name, batch, d, l, n, str(dtype).replace("torch.", ""), fwd, train_fwd, both, ref_fwd,
+                         ref_both, both_bytes / 1e6, both_bytes / (both * 1e-6) / copy_bw))
             torch.cuda.empty_cache()
-    print("\n| shape (batch, d, l, n) | dtype | kernel fwd us | kernel fwd+bwd us | ref fwd us | ref fwd+bwd us "
-          "| fwd+bwd min MB | floor us | fwd+bwd / copy bw |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for name, batch, d, l, n, dt, fwd, both, ref_fwd, ref_both, mb, frac in rows:
+    print("\n| shape (batch, d, l, n) | dtype | kernel fwd us | kernel train fwd us | kernel fwd+bwd us | ref fwd us "
+          "| ref fwd+bwd us | fwd+bwd min MB | floor us | fwd+bwd / copy bw |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name, batch, d, l, n, dt, fwd, train_fwd, both, ref_fwd, ref_both, mb, frac in rows:
         floor = mb * 1e6 / copy_bw * 1e6
-        print(f"| {name} ({batch}, {d}, {l}, {n}) | {dt} | {fwd:.1f} | {both:.1f} | {ref_fwd:.0f} | {ref_both:.0f} "
-              f"| {mb:.1f} | {floor:.1f} | {100 * frac:.0f}% |")
+        print(f"| {name} ({batch}, {d}, {l}, {n}) | {dt} | {fwd:.1f} | {train_fwd:.1f} | {both:.1f} | {ref_fwd:.0f} "
+              f"| {ref_both:.0f} | {mb:.1f} | {floor:.1f} | {100 * frac:.0f}% |")
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="MambaVision's selective scan: CUDA kernels and reference.")
     parser.add_argument("--bench", action="store_true",
                         help="time the CUDA kernels against the reference at MambaVision's shapes (needs a GPU)")
+    parser.add_argument("--kernels-only", action="store_true",
+                        help="with --bench: time the kernels only, not the (slow) reference")
     args = parser.parse_args(argv)
     if not args.bench:
         parser.error("nothing to do: pass --bench")
-    bench()
+    bench(reference=not args.kernels_only)
 
 
 if __name__ == "__main__":

@@ -7,16 +7,25 @@
 // u, delta, y: (b, d, l); B, C: (b, n, l), shared by all d channels; A: (d, n); D, delta_bias: (d,).
 //
 // Layout of the work. The scan is short along l (49..1024 in MambaVision) and wide along b x d.
-// Each (b, d) row is owned by kSplit = 4 neighbouring lanes of a warp, each keeping NMAX / 4 of
-// the states in registers (sums over states, such as y, take two shuffles). One thread per row
-// would give too few warps to hide latency (T stage 3 has 20,480 rows: 1.25 warps per scheduler;
-// measured 5.4 cycles per instruction). A block owns one batch row b and up to 64 channels; it
-// stages kChunk tokens of u, delta (and dy) for its channels in shared memory with coalesced
-// loads, turning delta into dt = softplus(delta + delta_bias) once per element on the way, and B,
-// C (shared by all channels) once for the block. States beyond the real n (when n < NMAX) have
-// A = B = C = 0 and stay zero. Tokens are processed in unrolled, branch-free groups of kGroup.
+// Each (b, d) row is owned by kSplit = 4 neighbouring lanes of a warp, each keeping NT = NMAX / 4
+// of the states in registers (sums over states, such as y, take two shuffles). A block owns one
+// batch row b and 16..64 channels (4..8 warps). It stages kChunk = 32 tokens at a time in shared
+// memory: every thread loads one token of 8 rows per tensor (coalesced, all loads in flight before
+// the first use, 32-bit offsets, rows past the channel count and tokens past l clamped to a valid
+// address and zeroed by a select, no predicated address arithmetic), turns delta into
+// dt = softplus(delta + delta_bias) once per element, and writes one 16-byte record per (row,
+// token), so that each lane reads everything it needs of a token with one vector load:
+//     forward  x = (dt, dt u, D u, 0)       backward  x = (u, dt, dy, sigmoid(delta + delta_bias))
+// B and C (shared by all channels) are staged once per block, transposed to [token][NMAX]. States
+// beyond the real n (when n < NMAX) have A = B = C = 0 and stay zero. Tokens are processed in
+// unrolled, branch-free segments of K tokens (K = 8 for NMAX 8, 4 for NMAX 16).
 //
-// Backward, per row, with g_t = dLoss/dh_t and a_t = exp(dt_t * A) (all per state n):
+// Forward (scan_fwd_kernel): one pass. When gradients will be needed (scan.py's training op), it
+// also writes the state entering every segment, seg_state[b][d][seg][NMAX] (float32: 4 bytes per
+// token and channel for n <= 8, 16 for n <= 16), so that the backward needs no forward pass of
+// its own; inference passes seg_state = nullptr and pays nothing.
+//
+// Backward (scan_bwd_kernel), per row, with g_t = dLoss/dh_t and a_t = exp(dt_t * A) (per state n):
 //     g_t       = a_{t+1} g_{t+1} + dy_t C_t                (reverse-time recurrence)
 //     dC_t     += dy_t h_t                     (summed over channels)
 //     dB_t     += g_t dt_t u_t                 (summed over channels)
@@ -24,17 +33,18 @@
 //     d(dt_t)   = u_t sum_n g_t B_t + sum_n g_t h_{t-1} a_t A
 //     dA       += g_t h_{t-1} a_t dt_t         (summed over batch and tokens)
 //     ddelta_t  = d(dt_t) sigmoid(delta_t + delta_bias)     (softplus' derivative)
-// The reverse pass needs h_{t-1}. Dividing by a_t is unstable, so the backward kernel first runs
-// the recurrence forward and stores the state entering every segment of kGroup tokens (a scratch
-// buffer that stays mostly in L2), then walks segments last to first: it recomputes the segment's
-// states into registers from the stored one and runs the reverse steps over them.
+// It walks chunks and segments last to first. For each segment it reloads the entering state that
+// the forward saved (prefetched one segment ahead), recomputes the segment's K states and decays
+// a_t into registers (dividing by a_t instead would be unstable), then runs the reverse steps over
+// them. The two row sums of a reverse step (sum_n g B and d(dt)) share one pair of shuffles.
 // Reductions are deterministic: dB, dC are summed over a block's channels by fixed-order warp
 // shuffles and shared memory, then written as per-block partials; dA, dD, ddelta_bias are written
-// per (b, d); the host sums the partials with torch's (deterministic) sum. No atomics.
+// per (b, d); a second small kernel (scan_bwd_finish_kernel) sums the partials in a fixed order
+// and writes the final gradients (dB, dC in the inputs' dtype). No atomics.
 //
 // The file includes no PyTorch header, so that it builds in seconds: scan.py allocates every
-// buffer with torch, passes raw pointers and the current stream through ctypes to the extern "C"
-// launchers at the end, and sums the partials.
+// buffer with torch and passes raw pointers and the current stream through ctypes to the
+// extern "C" launchers at the end.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -46,14 +56,16 @@
 namespace {
 
 constexpr int kChunk = 32;           // tokens staged in shared memory per pass (one per lane)
-constexpr int kRowPad = kChunk + 1;  // padded row stride in shared memory: no bank conflicts
+constexpr int kRowPad = kChunk + 1;  // padded row stride of the staged tiles: no bank conflicts
 constexpr int kSplit = 4;            // lanes per (b, d) row, each with NMAX / kSplit states
-constexpr int kMaxWarps = 8;         // at most 256 threads = 64 channels per block
-constexpr int kGroup = 8;            // tokens per unrolled step group, also the backward's segment
-constexpr int kRowsPerThread = kChunk / kSplit;  // staged rows per thread and tensor
+constexpr int kMinWarps = 4;         // 16..64 channels per block
+constexpr int kMaxWarps = 8;
+constexpr int kRowsPerWarp = 32 / kSplit;  // 8 rows per warp; a thread stages 8 rows per tensor
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
-static_assert(kChunk % kGroup == 0, "step groups must not straddle chunks");
+
+template <int NMAX>  // tokens per segment: the backward keeps 2 K NT floats of a segment per lane
+constexpr int kSegLen = NMAX <= 8 ? 8 : 4;
 
 __device__ __forceinline__ float exp2_approx(float x) {
   float y;
@@ -61,14 +73,30 @@ __device__ __forceinline__ float exp2_approx(float x) {
   return y;
 }
 
-// PyTorch's softplus (beta 1, threshold 20) from the fast exp and log units; log(w) e / (w - 1)
-// with w = 1 + e is log1p(e) to full float accuracy (Goldberg's trick), also for tiny e.
-__device__ __forceinline__ float softplus(float x) {
-  const float e = __expf(x), w = 1.f + e;
-  return x > 20.f ? x : (w == 1.f ? e : __logf(w) * __fdividef(e, w - 1.f));
+__device__ __forceinline__ float log2_approx(float x) {
+  float y;
+  asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
 }
 
-__device__ __forceinline__ float sigmoid(float x) { return __fdividef(1.f, 1.f + __expf(-x)); }
+__device__ __forceinline__ float rcp_approx(float x) {
+  float y;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// PyTorch's softplus (beta 1, threshold 20) and its derivative sigmoid, branch-free from one fast
+// exp: with e = exp(x), w = 1 + e, log(w) e / (w - 1) is log1p(e) to full float accuracy
+// (Goldberg's trick), also for tiny e (where w == 1 and the quotient would be 0 / 0).
+struct Softplus {
+  float value, slope;  // softplus(x), sigmoid(x)
+  __device__ __forceinline__ explicit Softplus(float x) {
+    const float e = exp2_approx(x * kLog2e), w = 1.f + e;
+    const float log1p_e = (log2_approx(w) * kLn2) * (e * rcp_approx(w - 1.f));
+    value = x > 20.f ? x : (w == 1.f ? e : log1p_e);
+    slope = x > 20.f ? 1.f : e * rcp_approx(w);
+  }
+};
 
 // Element conversions (PyTorch's build flags turn off the implicit __half / __nv_bfloat16 ones).
 __device__ __forceinline__ float to_float(float x) { return x; }
@@ -78,6 +106,14 @@ template <typename T> __device__ __forceinline__ T from_float(float x);
 template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
 template <> __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+// p, hidden from the optimiser: an address base + offset then stays one IMAD.WIDE.U32 instead of
+// being reassociated into 64-bit arithmetic on the offset.
+template <typename P>
+__device__ __forceinline__ P* opaque(P* p) {
+  asm("" : "+l"(p));
+  return p;
+}
 
 struct ScanShape {
   int batch, dim, len, nstate;  // b, d, l, n
@@ -91,70 +127,98 @@ __device__ __forceinline__ float row_sum(float x) {
   return x;
 }
 
-// Per-thread staging context: the rows this thread loads (r = warp + j * warps) and their bias.
-struct Stager {
-  int lane, warp, warps, valid_rows, nstate, row_len;
-  float bias[kRowsPerThread];
-  __device__ Stager(const float* __restrict__ delta_bias, int d0, int valid_rows_, int nstate_, int row_len_)
-      : lane(threadIdx.x % 32), warp(threadIdx.x / 32), warps(blockDim.x / 32), valid_rows(valid_rows_),
-        nstate(nstate_), row_len(row_len_) {
+// Sums of two values over the kSplit lanes of a row with one pair of shuffles: afterwards lanes
+// with an even part hold the sum of p, lanes with an odd part the sum of q.
+__device__ __forceinline__ float row_sum_pair(float p, float q, int part) {
+  const bool odd = part & 1;
+  float v = (odd ? q : p) + __shfl_xor_sync(0xffffffffu, odd ? p : q, 1);
+  return v + __shfl_xor_sync(0xffffffffu, v, 2);
+}
+
+// The block's view of one batch row: the rows (channels d0 + r) this thread stages, and how. A
+// thread stages rows warp + j * warps, j < 8; the real ones (d0 + r < dim) are a prefix j < nvalid.
+// Loads past the channel count or past l read a clamped, valid address instead (row 0 of this
+// thread, or token l - 1), so that no address needs a predicate; where the value matters, a select
+// zeroes it. Offsets are unsigned 32-bit (one IMAD.WIDE.U32 per address).
+struct Tile {
+  int lane, warp, warps, len;
+  int nvalid;         // this thread's real staged rows
+  unsigned tok_base;  // (first real row) * l
+  unsigned row_step;  // warps * l: offset between its staged rows
+
+  __device__ Tile(int valid_rows, int len_)
+      : lane(threadIdx.x % 32), warp(threadIdx.x / 32), warps(blockDim.x / 32), len(len_),
+        nvalid(warp < valid_rows ? min(kRowsPerWarp, (valid_rows - warp + warps - 1) / warps) : 0),
+        tok_base(warp < valid_rows ? warp * len_ : 0), row_step(warps * len_) {}
+
+  // Load token t0 + lane of this thread's 8 rows of R tensors (b, d, l) (pointers at (b, d0, 0))
+  // as float. Tensors in the bit mask kZero read 0 for rows past the channel count and tokens past
+  // l; the others read the clamped address's (finite) value.
+  template <typename T, int R, unsigned kZero>
+  __device__ __forceinline__ void load_rows(const T* const (&src)[R], int t0, float (&v)[R][kRowsPerWarp]) const {
+    const int t = t0 + lane;
+    const bool tok_ok = t < len;
+    const unsigned tc = tok_ok ? t : len - 1;
+    const int jmax = max(nvalid - 1, 0);
 #pragma unroll
-    for (int j = 0; j < kRowsPerThread; ++j) {
-      const int r = warp + j * warps;
-      bias[j] = r < valid_rows ? delta_bias[d0 + r] : 0.f;
+    for (int j = 0; j < kRowsPerWarp; ++j) {
+      const bool ok = tok_ok && j < nvalid;
+      const unsigned off = tok_base + (unsigned)min(j, jmax) * row_step + tc;
+#pragma unroll
+      for (int a = 0; a < R; ++a) {
+        const float x = to_float(__ldg(src[a] + off));
+        v[a][j] = ((kZero >> a) & 1u) && !ok ? 0.f : x;
+      }
     }
   }
 
-  // Stage tokens [t0, t0 + len) in shared memory as float: R - 1 plain row tensors (b, d, l) of the
-  // block's channels (rows[0] = u, rows[2] = dy), delta turned into dt = softplus(delta + bias)
-  // (and, if s_sig, sigmoid(delta + bias), softplus' derivative), and S state tensors (b, n, l)
-  // transposed to [token][NMAX] so that a lane reads its states of one token with one vector load.
-  // Rows past the channel count, states past nstate and tokens past len read as 0 (their dt is
-  // finite). Every global load of the chunk is issued before the first shared-memory store.
-  template <typename T, int NMAX, int R, int S>
-  __device__ __forceinline__ void stage(const T* const (&row_src)[R], float* const (&row_dst)[R], float* s_sig,
-                                        bool softplus_on, const T* const (&state_src)[S],
-                                        float* const (&state_dst)[S], int t0, int len) const {
-    const bool in_len = lane < len;
-    float rv[R][kRowsPerThread], sv[S][NMAX];
+  // Stage tokens [t0, t0 + 32) of S state tensors (b, n, l) (pointers at (b, 0, 0)) into S
+  // consecutive tiles [kChunk][NMAX] at dst: tile row q = s * NMAX + n is loaded by warp
+  // q % warps, one token per lane. States past nstate read 0 (their A, B, C must be 0), tokens
+  // past l the clamped address's value.
+  template <typename T, int NMAX, int S>
+  __device__ __forceinline__ void stage_states(const T* const (&src)[S], float* dst, int nstate, int t0) const {
+    constexpr int kIters = (S * NMAX + kMinWarps - 1) / kMinWarps;
+    const unsigned tc = min(t0 + lane, len - 1);
+    float v[kIters];
 #pragma unroll
-    for (int a = 0; a < R; ++a)
+    for (int i = 0; i < kIters; ++i) {
+      const int q = warp + i * warps, s = q / NMAX, n = q % NMAX;
+      const bool ok = q < S * NMAX && n < nstate;
+      const T* from = src[0];
 #pragma unroll
-      for (int j = 0; j < kRowsPerThread; ++j) {
-        const int r = warp + j * warps;
-        rv[a][j] = (r < valid_rows && in_len) ? to_float(row_src[a][(int64_t)r * row_len + t0 + lane]) : 0.f;
-      }
-#pragma unroll
-    for (int a = 0; a < S; ++a)
-#pragma unroll
-      for (int q = 0; q < NMAX; ++q) {
-        const int n = warp + q * warps;
-        sv[a][q] = (n < nstate && in_len) ? to_float(state_src[a][(int64_t)n * row_len + t0 + lane]) : 0.f;
-      }
-#pragma unroll
-    for (int j = 0; j < kRowsPerThread; ++j) {
-      const int at = (warp + j * warps) * kRowPad + lane;
-      const float x = rv[1][j] + bias[j];
-      rv[1][j] = softplus_on ? softplus(x) : x;
-      if (s_sig != nullptr) s_sig[at] = softplus_on ? sigmoid(x) : 1.f;
-#pragma unroll
-      for (int a = 0; a < R; ++a) row_dst[a][at] = rv[a][j];
+      for (int a = 1; a < S; ++a) from = s == a ? src[a] : from;
+      const float x = to_float(__ldg(from + (ok ? (unsigned)n * len : 0u) + tc));
+      v[i] = ok ? x : 0.f;
     }
 #pragma unroll
-    for (int a = 0; a < S; ++a)
-#pragma unroll
-      for (int q = 0; q < NMAX; ++q) {
-        const int n = warp + q * warps;
-        if (n < NMAX) state_dst[a][lane * NMAX + n] = sv[a][q];
-      }
+    for (int i = 0; i < kIters; ++i) {
+      const int q = warp + i * warps;
+      if (q < S * NMAX) dst[((q / NMAX) * kChunk + lane) * NMAX + q % NMAX] = v[i];
+    }
   }
 
-  template <typename T>
-  __device__ __forceinline__ void store(T* __restrict__ dst, const float* s, int t0, int len) const {
+  // Write tokens [t0, t0 + 32) of this thread's real rows of W tensors dst (b, d, l) (pointers at
+  // (b, d0, 0)) from a [rows][kRowPad] tile of records of W floats (field a goes to dst[a]).
+  template <typename T, int W>
+  __device__ __forceinline__ void store_rows(T* const (&dst)[W], const float* s, int t0) const {
+    const int t = t0 + lane;
+    if (t >= len) return;
+    const float* rec = s + (warp * kRowPad + lane) * W;  // record of row warp + j * warps
+    const int rec_step = warps * kRowPad * W;
+    unsigned off = tok_base + t;
 #pragma unroll
-    for (int j = 0; j < kRowsPerThread; ++j) {
-      const int r = warp + j * warps;
-      if (r < valid_rows && lane < len) dst[(int64_t)r * row_len + t0 + lane] = from_float<T>(s[r * kRowPad + lane]);
+    for (int j = 0; j < kRowsPerWarp; ++j, rec += rec_step, off += row_step) {
+      if (j >= nvalid) break;
+      float v[W];
+      if constexpr (W == 2) {
+        const float2 x = *reinterpret_cast<const float2*>(rec);
+        v[0] = x.x; v[1] = x.y;
+      } else {
+        v[0] = *rec;
+      }
+#pragma unroll
+      for (int a = 0; a < W; ++a) dst[a][off] = from_float<T>(v[a]);
     }
   }
 };
@@ -170,6 +234,26 @@ __device__ __forceinline__ void read_states(const float* s, int c, int part, flo
     static_assert(NT == 4, "NT must be 2 or 4");
     const float4 v = *reinterpret_cast<const float4*>(p);
     out[0] = v.x; out[1] = v.y; out[2] = v.z; out[3] = v.w;
+  }
+}
+
+template <int NT>
+__device__ __forceinline__ void load_state(const float* p, float (&h)[NT]) {
+  if constexpr (NT == 2) {
+    const float2 v = *reinterpret_cast<const float2*>(p);
+    h[0] = v.x; h[1] = v.y;
+  } else {
+    const float4 v = *reinterpret_cast<const float4*>(p);
+    h[0] = v.x; h[1] = v.y; h[2] = v.z; h[3] = v.w;
+  }
+}
+
+template <int NT>
+__device__ __forceinline__ void store_state(float* p, const float (&h)[NT]) {
+  if constexpr (NT == 2) {
+    *reinterpret_cast<float2*>(p) = make_float2(h[0], h[1]);
+  } else {
+    *reinterpret_cast<float4*>(p) = make_float4(h[0], h[1], h[2], h[3]);
   }
 }
 
@@ -201,72 +285,94 @@ __device__ __forceinline__ void warp_sum_over_channels(float (&v)[M], int lane) 
   warp_halving_steps<M / 2, 16, M>(v, lane);
 }
 
+// delta_bias and D of the block's channels into s_par[rows] as (bias, D); 0 past the channel count.
+__device__ __forceinline__ void stage_params(float2* s_par, const float* delta_bias, const float* Dskip, int d0,
+                                             int valid_rows) {
+  for (int r = threadIdx.x; r < blockDim.x / kSplit; r += blockDim.x)
+    s_par[r] = r < valid_rows ? make_float2(delta_bias[d0 + r], Dskip[d0 + r]) : make_float2(0.f, 0.f);
+}
+
 template <typename T, int NMAX>
-__global__ void __launch_bounds__(kMaxWarps * 32, NMAX <= 8 ? 3 : 2)
+__global__ void __launch_bounds__(kMaxWarps * 32, NMAX <= 8 ? 4 : 3)  // 64 / 80 registers, no spills
 scan_fwd_kernel(const T* __restrict__ u, const T* __restrict__ delta, const float* __restrict__ A,
                 const T* __restrict__ Bs, const T* __restrict__ Cs, const float* __restrict__ Dskip,
-                const float* __restrict__ delta_bias, T* __restrict__ y, ScanShape p) {
-  constexpr int NT = NMAX / kSplit;
+                const float* __restrict__ delta_bias, T* __restrict__ y,
+                float* __restrict__ seg_state,  // [b][d][n_seg][NMAX] or nullptr: state entering each segment
+                ScanShape p) {
+  constexpr int NT = NMAX / kSplit, K = kSegLen<NMAX>;
   extern __shared__ float4 smem_f4[];
-  float* smem = reinterpret_cast<float*>(smem_f4);
-  const int rows = blockDim.x / kSplit;    // channels of this block
-  float* s_u = smem;                       // [rows][kRowPad]: u, then y
-  float* s_dt = s_u + rows * kRowPad;      // [rows][kRowPad]: dt
-  float* s_B = s_dt + rows * kRowPad;      // [kChunk][NMAX]
-  float* s_C = s_B + kChunk * NMAX;        // [kChunk][NMAX]
+  const int rows = blockDim.x / kSplit;
+  float4* s_x = smem_f4;                                          // [rows][kRowPad]: (dt, dt u, D u, 0)
+  float* s_B = reinterpret_cast<float*>(s_x + rows * kRowPad);    // [kChunk][NMAX]
+  float* s_C = s_B + kChunk * NMAX;                               // [kChunk][NMAX]
+  float* s_y = s_C + kChunk * NMAX;                               // [rows][kRowPad]
+  float2* s_par = reinterpret_cast<float2*>(s_y + rows * kRowPad);  // [rows]: (delta_bias, D)
 
   const int b = blockIdx.x, d0 = blockIdx.y * rows, row = threadIdx.x / kSplit, part = threadIdx.x % kSplit;
   const int d = d0 + row, valid_rows = min(rows, p.dim - d0);
   const bool active = d < p.dim;
-  const Stager st(delta_bias, d0, valid_rows, p.nstate, p.len);
+  const Tile tile(valid_rows, p.len);
+  stage_params(s_par, delta_bias, Dskip, d0, valid_rows);
   float A2[NT];  // this lane's states n = part * NT + i: A * log2(e), so exp(dt A) = 2^(dt A2)
 #pragma unroll
   for (int i = 0; i < NT; ++i) {
     const int n = part * NT + i;
     A2[i] = (active && n < p.nstate) ? A[d * p.nstate + n] * kLog2e : 0.f;
   }
-  const float D_d = active ? Dskip[d] : 0.f;
-
   const int64_t rows_off = ((int64_t)b * p.dim + d0) * p.len;  // (b, d0, 0)
   const int64_t bc_off = (int64_t)b * p.nstate * p.len;          // (b, 0, 0)
+  const T *u_b = opaque(u + rows_off), *delta_b = opaque(delta + rows_off);
+  const T *B_b = opaque(Bs + bc_off), *C_b = opaque(Cs + bc_off);
+  T* y_b = opaque(y + rows_off);
+  const int n_seg = (p.len + K - 1) / K;
+  float* my_seg_state =
+      seg_state == nullptr ? nullptr : seg_state + ((int64_t)b * p.dim + d) * n_seg * NMAX + part * NT;
+  const float4* my_x = s_x + row * kRowPad;
+  float* my_y = s_y + row * kRowPad;
   float h[NT];
 #pragma unroll
   for (int i = 0; i < NT; ++i) h[i] = 0.f;
-  float* my_u = s_u + row * kRowPad;
-  const float* my_dt = s_dt + row * kRowPad;
+  __syncthreads();  // s_par
 
   for (int t0 = 0; t0 < p.len; t0 += kChunk) {
-    const int len = min(kChunk, p.len - t0);
-    st.stage<T, NMAX, 2, 2>({u + rows_off, delta + rows_off}, {s_u, s_dt}, nullptr, p.softplus,
-                            {Bs + bc_off, Cs + bc_off}, {s_B, s_C}, t0, len);
-    __syncthreads();
-    // Tokens past len read as 0; their y is never stored and h is not used after the last chunk.
-    for (int k0 = 0; k0 < len; k0 += kGroup) {
-      float y_j[kGroup];
+    {
+      float v[2][kRowsPerWarp];
+      tile.load_rows<T, 2, 0u>({u_b, delta_b}, t0, v);
+      tile.stage_states<T, NMAX, 2>({B_b, C_b}, s_B, p.nstate, t0);
 #pragma unroll
-      for (int j = 0; j < kGroup; ++j) {
+      for (int j = 0; j < kRowsPerWarp; ++j) {
+        const int r = tile.warp + j * tile.warps;
+        const float2 par = s_par[r];
+        const float x = v[1][j] + par.x;
+        const float dt = p.softplus ? Softplus(x).value : x;
+        s_x[r * kRowPad + tile.lane] = make_float4(dt, dt * v[0][j], par.y * v[0][j], 0.f);
+      }
+    }
+    __syncthreads();
+    // Tokens past l read u = B = C = 0; their y is never stored, and h is not used after the last
+    // chunk (nor saved: their segments do not exist).
+    const int len = min(kChunk, p.len - t0);
+    for (int k0 = 0; k0 < len; k0 += K) {
+      if (my_seg_state != nullptr && active) store_state<NT>(my_seg_state + ((t0 + k0) / K) * NMAX, h);
+#pragma unroll
+      for (int j = 0; j < K; ++j) {
         const int k = k0 + j;
-        const float u_k = my_u[k], dt = my_dt[k], dtu = dt * u_k;
+        const float4 x = my_x[k];  // (dt, dt u, D u, 0)
         float B_k[NT], C_k[NT];
         read_states<NMAX, NT>(s_B, k, part, B_k);
         read_states<NMAX, NT>(s_C, k, part, C_k);
         float y_part = 0.f;
 #pragma unroll
         for (int i = 0; i < NT; ++i) {
-          h[i] = exp2_approx(dt * A2[i]) * h[i] + dtu * B_k[i];
+          h[i] = exp2_approx(x.x * A2[i]) * h[i] + x.y * B_k[i];
           y_part += C_k[i] * h[i];
         }
-        y_j[j] = row_sum(y_part) + D_d * u_k;
-      }
-      __syncwarp();  // the row's other lanes have read u of these tokens
-      if (part == 0) {
-#pragma unroll
-        for (int j = 0; j < kGroup; ++j) my_u[k0 + j] = y_j[j];
+        const float y_k = row_sum(y_part) + x.z;
+        if (part == 0) my_y[k] = y_k;
       }
     }
-    __syncthreads();
-    st.store(y + rows_off, s_u, t0, len);
-    __syncthreads();  // s_u is overwritten by the next chunk's loads
+    __syncthreads();  // s_y complete; s_x, s_B, s_C free for the next chunk
+    tile.store_rows<T, 1>({y_b}, s_y, t0);
   }
 }
 
@@ -274,30 +380,30 @@ template <typename T, int NMAX>
 __global__ void __launch_bounds__(kMaxWarps * 32, NMAX <= 8 ? 3 : 2)
 scan_bwd_kernel(const T* __restrict__ u, const T* __restrict__ delta, const float* __restrict__ A,
                 const T* __restrict__ Bs, const T* __restrict__ Cs, const float* __restrict__ Dskip,
-                const float* __restrict__ delta_bias, const T* __restrict__ dy,
-                T* __restrict__ du, T* __restrict__ ddelta,
+                const float* __restrict__ delta_bias, const float* __restrict__ seg_state,  // from the forward
+                const T* __restrict__ dy, T* __restrict__ du, T* __restrict__ ddelta,
                 float* __restrict__ dBC_part,    // [gridDim.y][b][2 NMAX][l]: dB rows, then dC rows
                 float* __restrict__ dADb_part,   // [b][d][NMAX + 2]: dA, dD, ddelta_bias
-                float* __restrict__ seg_state,   // [b][d][n_seg][NMAX]: scratch, state entering each segment
                 ScanShape p) {
-  constexpr int NT = NMAX / kSplit, K = kGroup;
+  constexpr int NT = NMAX / kSplit, K = kSegLen<NMAX>;
   constexpr int M = 2 * NT;  // values per lane and token summed over channels: dB, dC of its states
   extern __shared__ float4 smem_f4[];
-  float* smem = reinterpret_cast<float*>(smem_f4);
   const int rows = blockDim.x / kSplit, warps = blockDim.x / 32;
-  float* s_u = smem;                       // [rows][kRowPad]: u, then du
-  float* s_dt = s_u + rows * kRowPad;      // [rows][kRowPad]: dt, then ddelta
-  float* s_dy = s_dt + rows * kRowPad;     // [rows][kRowPad]
-  float* s_sig = s_dy + rows * kRowPad;    // [rows][kRowPad]: sigmoid(delta + delta_bias)
-  float* s_B = s_sig + rows * kRowPad;     // [kChunk][NMAX]
-  float* s_C = s_B + kChunk * NMAX;        // [kChunk][NMAX]
-  float* s_red = s_C + kChunk * NMAX;      // [warps][2 NMAX][kChunk]: per-warp sums of dB, dC
+  float4* s_x = smem_f4;                                            // [rows][kRowPad]: (u, dt, dy, sigmoid)
+  float* s_B = reinterpret_cast<float*>(s_x + rows * kRowPad);      // [kChunk][NMAX]
+  float* s_C = s_B + kChunk * NMAX;                                 // [kChunk][NMAX]
+  float2* s_out = reinterpret_cast<float2*>(s_C + kChunk * NMAX);   // [rows][kRowPad]: (du, ddelta)
+  float* s_red = reinterpret_cast<float*>(s_out + rows * kRowPad);  // [kMaxWarps][2 NMAX][kChunk]: dB, dC sums
+  float2* s_par = reinterpret_cast<float2*>(s_red + kMaxWarps * 2 * NMAX * kChunk);  // [rows]: (delta_bias, D)
 
   const int b = blockIdx.x, d0 = blockIdx.y * rows, row = threadIdx.x / kSplit, part = threadIdx.x % kSplit;
   const int d = d0 + row, valid_rows = min(rows, p.dim - d0);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const bool active = d < p.dim;
-  const Stager st(delta_bias, d0, valid_rows, p.nstate, p.len);
+  const Tile tile(valid_rows, p.len);
+  stage_params(s_par, delta_bias, Dskip, d0, valid_rows);
+  for (int i = warps * 2 * NMAX * kChunk + threadIdx.x; i < kMaxWarps * 2 * NMAX * kChunk; i += blockDim.x)
+    s_red[i] = 0.f;  // the slots of absent warps, summed with the others
   float A2[NT];
 #pragma unroll
   for (int i = 0; i < NT; ++i) {
@@ -305,80 +411,70 @@ scan_bwd_kernel(const T* __restrict__ u, const T* __restrict__ delta, const floa
     A2[i] = (active && n < p.nstate) ? A[d * p.nstate + n] * kLog2e : 0.f;
   }
   const float D_d = active ? Dskip[d] : 0.f;
-
-  const int64_t rows_off = ((int64_t)b * p.dim + d0) * p.len;
-  const int64_t bc_off = (int64_t)b * p.nstate * p.len;
+  const int64_t rows_off = ((int64_t)b * p.dim + d0) * p.len;  // (b, d0, 0)
+  const int64_t bc_off = (int64_t)b * p.nstate * p.len;          // (b, 0, 0)
+  const T *u_b = opaque(u + rows_off), *delta_b = opaque(delta + rows_off), *dy_b = opaque(dy + rows_off);
+  const T *B_b = opaque(Bs + bc_off), *C_b = opaque(Cs + bc_off);
+  T *du_b = opaque(du + rows_off), *ddelta_b = opaque(ddelta + rows_off);
   const int n_seg = (p.len + K - 1) / K;
-  float* my_seg_state = seg_state + ((int64_t)b * p.dim + (active ? d : 0)) * n_seg * NMAX + part * NT;
-  float* my_u = s_u + row * kRowPad;
-  float* my_dt = s_dt + row * kRowPad;
-  const float* my_dy = s_dy + row * kRowPad;
-  const float* my_sig = s_sig + row * kRowPad;
+  // Rows past the channel count read row d0's states: their u = dy = 0 makes every term 0.
+  const float* my_seg_state = seg_state + ((int64_t)b * p.dim + (active ? d : d0)) * n_seg * NMAX + part * NT;
+  const float4* my_x = s_x + row * kRowPad;
+  float* my_out = reinterpret_cast<float*>(s_out + row * kRowPad) + part;  // parts 0, 1: du, ddelta
+  __syncthreads();  // s_par, s_red
 
-  // Pass 1, forward in time: store the state entering each segment (segment 0's is zero).
-  {
-    float h[NT];
-#pragma unroll
-    for (int i = 0; i < NT; ++i) h[i] = 0.f;
-    for (int t0 = 0; t0 < p.len; t0 += kChunk) {
-      const int len = min(kChunk, p.len - t0);
-      st.stage<T, NMAX, 2, 1>({u + rows_off, delta + rows_off}, {s_u, s_dt}, nullptr, p.softplus, {Bs + bc_off},
-                              {s_B}, t0, len);
-      __syncthreads();
-      for (int k0 = 0; k0 < len; k0 += K) {
-        if (t0 + k0 > 0 && active) {
-#pragma unroll
-          for (int i = 0; i < NT; ++i) my_seg_state[((t0 + k0) / K) * NMAX + i] = h[i];
-        }
-#pragma unroll
-        for (int j = 0; j < K; ++j) {  // past len: u = B = 0, and h is not used after this pass
-          const int k = k0 + j;
-          const float dt = my_dt[k], dtu = dt * my_u[k];
-          float B_k[NT];
-          read_states<NMAX, NT>(s_B, k, part, B_k);
-#pragma unroll
-          for (int i = 0; i < NT; ++i) h[i] = exp2_approx(dt * A2[i]) * h[i] + dtu * B_k[i];
-        }
-      }
-      __syncthreads();
-    }
-  }
-
-  // Pass 2, backward in time, chunk by chunk and segment by segment.
   float carry[NT];   // a_{t+1} g_{t+1}: the gradient reaching h_t through h_{t+1}
   float dA_acc[NT];
+  float next_state[NT];  // the entering state of the next segment to visit (prefetched)
 #pragma unroll
   for (int i = 0; i < NT; ++i) carry[i] = dA_acc[i] = 0.f;
+  load_state<NT>(my_seg_state + (n_seg - 1) * NMAX, next_state);
   float dD_acc = 0.f, dbias_acc = 0.f;
   const int n_chunks = (p.len + kChunk - 1) / kChunk;
   for (int chunk = n_chunks - 1; chunk >= 0; --chunk) {
     const int t0 = chunk * kChunk, len = min(kChunk, p.len - t0);
-    st.stage<T, NMAX, 3, 2>({u + rows_off, delta + rows_off, dy + rows_off}, {s_u, s_dt, s_dy}, s_sig, p.softplus,
-                            {Bs + bc_off, Cs + bc_off}, {s_B, s_C}, t0, len);
+    {
+      float v[3][kRowsPerWarp];
+      tile.load_rows<T, 3, 0b101u>({u_b, delta_b, dy_b}, t0, v);
+      tile.stage_states<T, NMAX, 2>({B_b, C_b}, s_B, p.nstate, t0);
+#pragma unroll
+      for (int j = 0; j < kRowsPerWarp; ++j) {
+        const int r = tile.warp + j * tile.warps;
+        const float x = v[1][j] + s_par[r].x;
+        const Softplus sp(x);
+        s_x[r * kRowPad + tile.lane] =
+            make_float4(v[0][j], p.softplus ? sp.value : x, v[2][j], p.softplus ? sp.slope : 1.f);
+      }
+    }
     __syncthreads();
     for (int s = (len - 1) / K; s >= 0; --s) {
       const int k0 = s * K, seg = (t0 + k0) / K;
-      // Recompute the segment's states: hist[j + 1] = h at token k0 + j, hist[0] = entering state.
-      float hist[K + 1][NT];
+      // The segment's states and decays: hist[j + 1] = h at token k0 + j, hist[0] = entering state,
+      // a[j] = exp(dt A) at token k0 + j.
+      float hist[K + 1][NT], a[K][NT];
 #pragma unroll
-      for (int i = 0; i < NT; ++i) hist[0][i] = (seg > 0 && active) ? my_seg_state[seg * NMAX + i] : 0.f;
+      for (int i = 0; i < NT; ++i) hist[0][i] = next_state[i];
+      if (seg > 0) load_state<NT>(my_seg_state + (seg - 1) * NMAX, next_state);
 #pragma unroll
       for (int j = 0; j < K; ++j) {
-        const int k = k0 + j;
-        const float dt = my_dt[k], dtu = dt * my_u[k];
+        const float4 x = my_x[k0 + j];
+        const float dtu = x.y * x.x;
         float B_k[NT];
-        read_states<NMAX, NT>(s_B, k, part, B_k);
+        read_states<NMAX, NT>(s_B, k0 + j, part, B_k);
 #pragma unroll
-        for (int i = 0; i < NT; ++i) hist[j + 1][i] = exp2_approx(dt * A2[i]) * hist[j][i] + dtu * B_k[i];
+        for (int i = 0; i < NT; ++i) {
+          a[j][i] = exp2_approx(x.y * A2[i]);
+          hist[j + 1][i] = a[j][i] * hist[j][i] + dtu * B_k[i];
+        }
       }
-      // Reverse steps over the segment, branch-free. Tokens past len (only in the sequence's last
-      // segment, reached first, while carry is still 0) read u = dy = B = C = 0, so every
-      // gradient term and the carry stay 0; their du, ddelta are never stored.
-      float du_j[K], dd_j[K];
+      // Reverse steps over the segment, branch-free. Tokens past l (only in the sequence's last
+      // segment, reached first, while carry is still 0) read u = dy = 0, so every gradient term and
+      // the carry stay 0; their du, ddelta are never stored.
 #pragma unroll
       for (int j = K - 1; j >= 0; --j) {
         const int k = k0 + j;
-        const float u_k = my_u[k], dy_k = my_dy[k], dt = my_dt[k], dtu = dt * u_k;
+        const float4 x = my_x[k];  // (u, dt, dy, sigmoid)
+        const float u_k = x.x, dt = x.y, dy_k = x.z, dtu = dt * u_k;
         float B_k[NT], C_k[NT], red[M];
         read_states<NMAX, NT>(s_B, k, part, B_k);
         read_states<NMAX, NT>(s_C, k, part, C_k);
@@ -386,22 +482,20 @@ scan_bwd_kernel(const T* __restrict__ u, const T* __restrict__ delta, const floa
 #pragma unroll
         for (int i = 0; i < NT; ++i) {
           const float g = carry[i] + dy_k * C_k[i];   // dLoss/dh_t
-          const float a = exp2_approx(dt * A2[i]);
-          const float gha = g * hist[j][i] * a;       // dLoss/da_t * a_t
+          carry[i] = a[j][i] * g;
+          const float gha = carry[i] * hist[j][i];    // dLoss/da_t * a_t
           dA_acc[i] += gha * dt;
           gaA2 += gha * A2[i];
           gB += g * B_k[i];
           red[i] = g * dtu;                           // dB_t of state part * NT + i
           red[NT + i] = dy_k * hist[j + 1][i];        // dC_t of state part * NT + i
-          carry[i] = a * g;
         }
-        gB = row_sum(gB);
-        const float ddt = u_k * gB + row_sum(gaA2) * kLn2;
-        const float dd = ddt * my_sig[k];             // softplus' = sigmoid (1 without softplus)
+        // Even parts get sum_n g B, odd parts d(dt) = u sum_n g B + ln 2 sum_n g h a A2.
+        const float sum = row_sum_pair(gB, u_k * gB + kLn2 * gaA2, part);
+        const float out = (part & 1) ? sum * x.w : dt * sum + D_d * dy_k;  // ddelta (odd), du (even)
         dD_acc += dy_k * u_k;
-        dbias_acc += dd;
-        du_j[j] = dt * gB + D_d * dy_k;
-        dd_j[j] = dd;
+        dbias_acc += out;  // the ddelta sum in odd parts
+        if (part < 2) my_out[2 * k] = out;
         warp_sum_over_channels<M>(red, lane);
         constexpr int kLog2M = M == 2 ? 1 : (M == 4 ? 2 : 3);
         const int idx = (lane >> (5 - kLog2M)) % M;  // which of this part's values lane holds
@@ -410,58 +504,90 @@ scan_bwd_kernel(const T* __restrict__ u, const T* __restrict__ delta, const floa
           s_red[(warp * 2 * NMAX + m) * kChunk + k] = red[0];
         }
       }
-      __syncwarp();  // the row's other lanes have read u, dt of this segment
-      if (part == 0) {
-#pragma unroll
-        for (int j = 0; j < K; ++j) {
-          my_u[k0 + j] = du_j[j];
-          my_dt[k0 + j] = dd_j[j];
-        }
-      }
     }
     __syncthreads();
-    st.store(du + rows_off, s_u, t0, len);
-    st.store(ddelta + rows_off, s_dt, t0, len);
-    float* out = dBC_part + ((int64_t)blockIdx.y * p.batch + b) * 2 * NMAX * p.len;
-    for (int i = threadIdx.x; i < 2 * NMAX * kChunk; i += blockDim.x) {
-      const int m = i / kChunk, c = i % kChunk;
-      if (c < len) {
+    tile.store_rows<T, 2>({du_b, ddelta_b}, reinterpret_cast<const float*>(s_out), t0);
+    // dB, dC of the chunk: sum the warps' partials in a fixed order; warp w writes rows m = w,
+    // w + warps, ... of the [2 NMAX][l] slab, one token per lane.
+    float* out = dBC_part + ((int64_t)blockIdx.y * p.batch + b) * 2 * NMAX * p.len + t0 + lane;
+#pragma unroll
+    for (int q = 0; q < (2 * NMAX + kMinWarps - 1) / kMinWarps; ++q) {
+      const int m = warp + q * warps;
+      if (m < 2 * NMAX && lane < len) {
         float sum = 0.f;
-        for (int w = 0; w < warps; ++w) sum += s_red[(w * 2 * NMAX + m) * kChunk + c];  // fixed order
-        out[(int64_t)m * p.len + t0 + c] = sum;
+#pragma unroll
+        for (int w = 0; w < kMaxWarps; ++w) sum += s_red[(w * 2 * NMAX + m) * kChunk + lane];  // absent warps: 0
+        out[m * p.len] = sum;
       }
     }
-    __syncthreads();  // shared tiles are overwritten by the next chunk's loads
+    // The next chunk's loads overwrite s_x, s_B, s_C only (read before the barrier above); s_out
+    // and s_red are written after the barrier that follows them.
   }
   if (active) {
     float* out = dADb_part + ((int64_t)b * p.dim + d) * (NMAX + 2);
 #pragma unroll
     for (int i = 0; i < NT; ++i) out[part * NT + i] = dA_acc[i];
-    if (part == 0) {
-      out[NMAX] = dD_acc;
-      out[NMAX + 1] = dbias_acc;
-    }
+    if (part == 0) out[NMAX] = dD_acc;
+    if (part == 1) out[NMAX + 1] = dbias_acc;
   }
 }
 
-// Channels per block: whole warps (32 / kSplit channels each), at most kMaxWarps, spread evenly
-// over the fewest blocks.
+// The backward's last step, one launch: sums the partials in a fixed order into the final
+// gradients. Blocks [0, bc_blocks): one thread per element of dB, dC (b, n, l), summing the
+// channel blocks' dBC_part; the other blocks: one thread per (d, k) of dA (k < n), dD (k = n) and
+// ddelta_bias (k = n + 1), summing dADb_part over the batch.
+template <typename T, int NMAX>
+__global__ void __launch_bounds__(256)
+scan_bwd_finish_kernel(const float* __restrict__ dBC_part, const float* __restrict__ dADb_part,
+                       T* __restrict__ dB, T* __restrict__ dC, float* __restrict__ dA, float* __restrict__ dD,
+                       float* __restrict__ ddelta_bias, ScanShape p, int channel_blocks, int bc_blocks) {
+  const int n = p.nstate;
+  if ((int)blockIdx.x < bc_blocks) {
+    const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;  // (b, m, t), m < 2 n
+    if (i >= (int64_t)p.batch * 2 * n * p.len) return;
+    const int t = i % p.len, m = (i / p.len) % (2 * n), b = i / ((int64_t)p.len * 2 * n);
+    const int row = m < n ? m : NMAX + m - n;  // dB rows 0.., dC rows NMAX.. of the partials
+    const float* src = dBC_part + ((int64_t)b * 2 * NMAX + row) * p.len + t;
+    const int64_t part_step = (int64_t)p.batch * 2 * NMAX * p.len;
+    float sum = 0.f;
+    for (int k = 0; k < channel_blocks; ++k) sum += src[k * part_step];
+    (m < n ? dB : dC)[((int64_t)b * n + m % n) * p.len + t] = from_float<T>(sum);
+  } else {
+    const int j = (blockIdx.x - bc_blocks) * blockDim.x + threadIdx.x;  // (d, k), k < n + 2
+    if (j >= p.dim * (n + 2)) return;
+    const int d = j / (n + 2), k = j % (n + 2);
+    const float* src = dADb_part + (int64_t)d * (NMAX + 2) + (k < n ? k : NMAX + k - n);
+    float sum = 0.f;
+#pragma unroll 16
+    for (int b = 0; b < p.batch; ++b) sum += src[(int64_t)b * p.dim * (NMAX + 2)];
+    if (k < n) dA[d * n + k] = sum;
+    else (k == n ? dD : ddelta_bias)[d] = sum;
+  }
+}
+
+// Channels per block: whole warps (32 / kSplit channels each), kMinWarps..kMaxWarps, spread
+// evenly over the fewest blocks.
 dim3 block_grid(int batch, int dim, int* threads) {
-  const int warps_total = std::max(1, (dim * kSplit + 31) / 32);
+  const int warps_total = std::max(kMinWarps, (dim * kSplit + 31) / 32);
   const int n_blocks = (warps_total + kMaxWarps - 1) / kMaxWarps;
   const int warps = (warps_total + n_blocks - 1) / n_blocks;
   *threads = warps * 32;
   return dim3(batch, n_blocks);
 }
 
-size_t fwd_smem(int threads, int nmax) { return sizeof(float) * (2 * (threads / kSplit) * kRowPad + 2 * kChunk * nmax); }
+size_t fwd_smem(int threads, int nmax) {
+  const int rows = threads / kSplit;
+  return sizeof(float4) * rows * kRowPad + sizeof(float) * (2 * kChunk * nmax + rows * kRowPad) + sizeof(float2) * rows;
+}
 size_t bwd_smem(int threads, int nmax) {
-  return sizeof(float) * (4 * (threads / kSplit) * kRowPad + 2 * kChunk * nmax + (threads / 32) * 2 * nmax * kChunk);
+  const int rows = threads / kSplit;
+  return sizeof(float4) * rows * kRowPad + sizeof(float) * 2 * kChunk * nmax + sizeof(float2) * rows * kRowPad +
+         sizeof(float) * kMaxWarps * 2 * nmax * kChunk + sizeof(float2) * rows;
 }
 
 template <typename T, int NMAX>
 int launch_fwd(const ScanShape& p, const void* u, const void* delta, const float* A, const void* B, const void* C,
-               const float* D, const float* delta_bias, void* y, cudaStream_t stream) {
+               const float* D, const float* delta_bias, void* y, float* seg_state, cudaStream_t stream) {
   int threads;
   const dim3 grid = block_grid(p.batch, p.dim, &threads);
   const size_t smem = fwd_smem(threads, NMAX);
@@ -470,14 +596,15 @@ int launch_fwd(const ScanShape& p, const void* u, const void* delta, const float
   if (err != cudaSuccess) return err;
   kernel<<<grid, threads, smem, stream>>>(static_cast<const T*>(u), static_cast<const T*>(delta), A,
                                           static_cast<const T*>(B), static_cast<const T*>(C), D, delta_bias,
-                                          static_cast<T*>(y), p);
+                                          static_cast<T*>(y), seg_state, p);
   return cudaGetLastError();
 }
 
 template <typename T, int NMAX>
 int launch_bwd(const ScanShape& p, const void* u, const void* delta, const float* A, const void* B, const void* C,
-               const float* D, const float* delta_bias, const void* dy, void* du, void* ddelta, float* dBC_part,
-               float* dADb_part, float* seg_state, cudaStream_t stream) {
+               const float* D, const float* delta_bias, const float* seg_state, const void* dy, void* du,
+               void* ddelta, float* dBC_part, float* dADb_part, void* dB, void* dC, float* dA, float* dD,
+               float* ddelta_bias, cudaStream_t stream) {
   int threads;
   const dim3 grid = block_grid(p.batch, p.dim, &threads);
   const size_t smem = bwd_smem(threads, NMAX);
@@ -486,8 +613,15 @@ int launch_bwd(const ScanShape& p, const void* u, const void* delta, const float
   if (err != cudaSuccess) return err;
   kernel<<<grid, threads, smem, stream>>>(
       static_cast<const T*>(u), static_cast<const T*>(delta), A, static_cast<const T*>(B),
-      static_cast<const T*>(C), D, delta_bias, static_cast<const T*>(dy), static_cast<T*>(du),
-      static_cast<T*>(ddelta), dBC_part, dADb_part, seg_state, p);
+      static_cast<const T*>(C), D, delta_bias, seg_state, static_cast<const T*>(dy), static_cast<T*>(du),
+      static_cast<T*>(ddelta), dBC_part, dADb_part, p);
+  err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  const int64_t bc_elems = (int64_t)p.batch * 2 * p.nstate * p.len;
+  const int bc_blocks = (int)((bc_elems + 255) / 256), adb_blocks = (p.dim * (p.nstate + 2) + 255) / 256;
+  auto finish = scan_bwd_finish_kernel<T, NMAX>;
+  finish<<<bc_blocks + adb_blocks, 256, 0, stream>>>(dBC_part, dADb_part, static_cast<T*>(dB), static_cast<T*>(dC),
+                                                    dA, dD, ddelta_bias, p, (int)grid.y, bc_blocks);
   return cudaGetLastError();
 }
 
@@ -507,16 +641,19 @@ int dispatch(int dtype, int nstate, F&& f) {
 }
 
 bool valid_shape(const ScanShape& p) {
-  return p.batch >= 1 && p.batch <= 2147483647 && p.dim >= 1 && p.dim <= 65535 * kMaxWarps * 32 / kSplit && p.len >= 1 &&
-         p.nstate >= 1 && p.nstate <= 16;
+  // 32-bit offsets inside one batch row's (d, l) slab
+  return p.batch >= 1 && p.dim >= 1 && p.dim <= 65535 * kMaxWarps * 32 / kSplit && p.len >= 1 && p.nstate >= 1 &&
+         p.nstate <= 16 && (int64_t)p.dim * p.len < 2147483647;
 }
 
 }  // namespace
 
 // The C interface scan.py calls through ctypes. Tensors are contiguous and on the current device:
 // u, delta, dy, y, du, ddelta (b, d, l) and B, C (b, n, l) in the dtype given by the code,
-// A (d, n), D, delta_bias (d,) float32; buffers as in scan_bwd_kernel. Returns 0 or a CUDA error
-// code (-1: bad arguments). Nothing here synchronises with the host.
+// A (d, n), D, delta_bias (d,) float32; seg_state (b, d, ceil(l / seg_len), state_max) float32;
+// partial buffers as in scan_bwd_kernel; gradients dB, dC (b, n, l) in the dtype given, dA (d, n),
+// dD, ddelta_bias (d,) float32. Returns 0 or a CUDA error code (-1: bad arguments). Nothing here
+// synchronises with the host.
 extern "C" {
 
 int mv_scan_channel_blocks(int dim) {
@@ -524,7 +661,7 @@ int mv_scan_channel_blocks(int dim) {
   return (int)block_grid(1, dim, &threads).y;
 }
 
-int mv_scan_seg_len(int) { return kGroup; }
+int mv_scan_seg_len(int nstate) { return nstate <= 8 ? kSegLen<8> : kSegLen<16>; }
 
 int mv_scan_state_max(int nstate) { return nstate <= 8 ? 8 : 16; }
 
@@ -532,26 +669,28 @@ const char* mv_scan_error_string(int code) {
   return code == -1 ? "invalid arguments (dtype code or shape)" : cudaGetErrorString(static_cast<cudaError_t>(code));
 }
 
+// seg_state: nullptr (inference) or the buffer the backward will read.
 int mv_scan_fwd(int dtype, int batch, int dim, int len, int nstate, int softplus, const void* u, const void* delta,
                 const float* A, const void* B, const void* C, const float* D, const float* delta_bias, void* y,
-                void* stream) {
+                float* seg_state, void* stream) {
   const ScanShape p{batch, dim, len, nstate, softplus != 0};
   if (!valid_shape(p)) return -1;
   return dispatch(dtype, nstate, [&](auto t_tag, auto n_tag) {
-    return launch_fwd<decltype(t_tag), decltype(n_tag)::value>(p, u, delta, A, B, C, D, delta_bias, y,
+    return launch_fwd<decltype(t_tag), decltype(n_tag)::value>(p, u, delta, A, B, C, D, delta_bias, y, seg_state,
                                                                  static_cast<cudaStream_t>(stream));
   });
 }
 
 int mv_scan_bwd(int dtype, int batch, int dim, int len, int nstate, int softplus, const void* u, const void* delta,
-                const float* A, const void* B, const void* C, const float* D, const float* delta_bias, const void* dy,
-                void* du, void* ddelta, float* dBC_part, float* dADb_part, float* seg_state, void* stream) {
+                const float* A, const void* B, const void* C, const float* D, const float* delta_bias,
+                const float* seg_state, const void* dy, void* du, void* ddelta, float* dBC_part, float* dADb_part,
+                void* dB, void* dC, float* dA, float* dD, float* ddelta_bias, void* stream) {
   const ScanShape p{batch, dim, len, nstate, softplus != 0};
-  if (!valid_shape(p)) return -1;
+  if (!valid_shape(p) || seg_state == nullptr) return -1;
   return dispatch(dtype, nstate, [&](auto t_tag, auto n_tag) {
-    return launch_bwd<decltype(t_tag), decltype(n_tag)::value>(p, u, delta, A, B, C, D, delta_bias, dy, du, ddelta,
-                                                                 dBC_part, dADb_part, seg_state,
-                                                                 static_cast<cudaStream_t>(stream));
+    return launch_bwd<decltype(t_tag), decltype(n_tag)::value>(p, u, delta, A, B, C, D, delta_bias, seg_state, dy,
+                                                                 du, ddelta, dBC_part, dADb_part, dB, dC, dA, dD,
+                                                                 ddelta_bias, static_cast<cudaStream_t>(stream));
   });
 }
 

@@ -68,18 +68,27 @@ def test_op_on_cpu_runs_the_reference_with_gradients():
         assert rel_err(t.grad, w) < 1e-4, name
 
 
-def test_opcheck_cpu():
-    inputs, dy = make_inputs(2, 3, 5, 2)
+def opcheck_all(inputs, dy):
+    """torch.library.opcheck on the three ops (schema, fake impl, autograd registration, AOT)."""
     x = [t.clone().requires_grad_() for t in inputs]
-    torch.library.opcheck(torch.ops.mambavision.selective_scan.default, (*x, True))
-    torch.library.opcheck(torch.ops.mambavision.selective_scan_backward.default, (*inputs, dy, True))
+    ops = torch.ops.mambavision
+    torch.library.opcheck(ops.selective_scan.default, (*x, True))
+    torch.library.opcheck(ops.selective_scan_train.default, (*x, True))
+    _, seg_state = ops.selective_scan_train(*inputs, True)
+    torch.library.opcheck(ops.selective_scan_backward.default, (*inputs, seg_state, dy, True))
 
 
-def test_op_compiles_fullgraph_cpu():
+def test_opcheck_cpu():
+    opcheck_all(*make_inputs(2, 3, 5, 2))
+
+
+@pytest.mark.parametrize("op", ["selective_scan", "selective_scan_train"])
+def test_op_compiles_fullgraph_cpu(op):
     inputs, dy = make_inputs(2, 3, 6, 2)
 
     def loss(*x):
-        return (torch.ops.mambavision.selective_scan(*x, True) * dy).sum()
+        y = getattr(torch.ops.mambavision, op)(*x, True)
+        return ((y[0] if isinstance(y, (tuple, list)) else y) * dy).sum()
 
     compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
     x1 = [t.clone().requires_grad_() for t in inputs]
@@ -127,12 +136,18 @@ def test_build_failure_warns_once_then_reference(monkeypatch):
 
 def kernel_run(inputs, dy, delta_softplus=True):
     """Forward and the seven gradients straight from the kernels, into outputs and buffers filled
-    with NaN beforehand: an element the kernels fail to write stays NaN."""
+    with NaN beforehand: an element the kernels fail to write stays NaN. The training forward
+    (which also saves the segment states) must give the same bits as the inference one."""
     assert scan._kernels_ready(required=True)
     args = scan._kernel_inputs(*inputs)
-    y = scan._kernel_fwd(*args, delta_softplus, y=torch.full_like(args[0], float("nan")))
-    buffers = {k: b.fill_(float("nan")) for k, b in scan._kernel_bwd_buffers(args[0], args[2]).items()}
-    grads = scan._kernel_bwd(*args, dy.to(args[0].dtype), delta_softplus, buffers=buffers)
+    nan = float("nan")
+    y = scan._kernel_fwd(*args, delta_softplus, y=torch.full_like(args[0], nan))
+    seg_state = torch.full(scan._seg_state_shape(args[0], args[2]), nan, device=args[0].device)
+    y_train = scan._kernel_fwd(*args, delta_softplus, y=torch.full_like(args[0], nan), seg_state=seg_state)
+    assert torch.equal(y_train, y), "the training forward's y differs from the inference forward's"
+    assert not seg_state.isnan().any(), "the forward left segment states unwritten (NaN)"
+    buffers = {k: b.fill_(nan) for k, b in scan._kernel_bwd_buffers(args[0], args[2]).items()}
+    grads = scan._kernel_bwd(*args, seg_state, dy.to(args[0].dtype), delta_softplus, buffers=buffers)
     return y.to(inputs[0].dtype), tuple(g.to(x.dtype) for g, x in zip(grads, inputs))
 
 
@@ -205,10 +220,21 @@ def test_kernel_mixed_dtypes_and_noncontiguous(monkeypatch):
 @cuda
 def test_opcheck_cuda(monkeypatch):
     monkeypatch.setenv("MAMBAVISION_SCAN", "cuda")
-    inputs, dy = make_inputs(2, 40, 20, 8, device="cuda")
-    x = [t.clone().requires_grad_() for t in inputs]
-    torch.library.opcheck(torch.ops.mambavision.selective_scan.default, (*x, True))
-    torch.library.opcheck(torch.ops.mambavision.selective_scan_backward.default, (*inputs, dy, True))
+    opcheck_all(*make_inputs(2, 40, 20, 8, device="cuda"))
+
+
+@cuda
+def test_inference_op_backward_matches_training_op(monkeypatch):
+    """Gradients through the inference op (which recomputes the states) equal, bit for bit, those
+    through the training op that `selective_scan` uses when inputs need gradients."""
+    monkeypatch.setenv("MAMBAVISION_SCAN", "cuda")
+    inputs, dy = make_inputs(3, 70, 100, 8, dtype=torch.bfloat16, device="cuda", seed=5)
+    x1 = [t.clone().requires_grad_() for t in inputs]
+    x2 = [t.clone().requires_grad_() for t in inputs]
+    torch.ops.mambavision.selective_scan(*x1, True).backward(dy)
+    scan.selective_scan(*x2).backward(dy)
+    for name, a, b in zip(NAMES, x1, x2):
+        assert torch.equal(a.grad, b.grad), name
 
 
 # ------------------------------------------------------------------ GPU: the whole model
