@@ -310,27 +310,42 @@ def rand_augment(img, rng, num_ops=2, magnitude=9.0, magnitude_std=0.5, prob=0.5
     return img
 
 
-def random_erasing(x, rng, prob=0.25, scale=(0.02, 1 / 3), ratio=(0.3, 1 / 0.3)):
-    """Random erasing (Zhong et al. 2020) on a normalised (3, H, W) tensor: with probability `prob`
-    one box of area fraction in `scale` and log-uniform aspect in `ratio` gets per-pixel N(0, 1)
-    noise (the normalised scale). Up to 10 draws to fit a box; none fits -> unchanged."""
-    if rng.random() >= prob:
-        return x
-    _, h, w = x.shape
-    for _ in range(10):
-        target_area = h * w * rng.uniform(*scale)
-        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
-        eh, ew = int(round(math.sqrt(target_area * aspect))), int(round(math.sqrt(target_area / aspect)))
-        if eh < h and ew < w:
-            top, left = rng.randint(0, h - eh), rng.randint(0, w - ew)
-            noise_gen = torch.Generator().manual_seed(rng.getrandbits(63))
-            x[:, top:top + eh, left:left + ew] = torch.randn(3, eh, ew, generator=noise_gen)
-            break
-    return x
+def erase_box(h, w, rng, prob=0.25, scale=(0.02, 1 / 3), ratio=(0.3, 1 / 0.3)):
+    """Random erasing's box (Zhong et al. 2020) for an h x w image: with probability `prob`, a box of
+    area fraction in `scale` and log-uniform aspect in `ratio`, as (top, left, height, width); up to
+    10 draws to fit one. (0, 0, 0, 0) = nothing erased. normalize_and_erase fills it with noise."""
+    if rng.random() < prob:
+        for _ in range(10):
+            target_area = h * w * rng.uniform(*scale)
+            aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+            eh, ew = int(round(math.sqrt(target_area * aspect))), int(round(math.sqrt(target_area / aspect)))
+            if eh < h and ew < w:
+                return rng.randint(0, h - eh), rng.randint(0, w - ew), eh, ew
+    return 0, 0, 0, 0
+
+
+def to_uint8_tensor(img):
+    """PIL RGB image -> uint8 tensor (3, H, W): a quarter of float32's bytes between processes."""
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def normalize_and_erase(x, boxes, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """The training transform's last steps, batched, on the batch's device: uint8 (B, 3, S, S) ->
+    (x / 255 - mean) / std in float32, and each sample's erase box (B, 4) = (top, left, height,
+    width) filled with per-pixel N(0, 1) noise (the normalised scale), drawn from torch's generator."""
+    mean = torch.tensor(mean, device=x.device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(std, device=x.device).view(1, 3, 1, 1) * 255
+    x = (x.float() - mean) / std
+    rows = torch.arange(x.shape[2], device=x.device).view(1, -1, 1)   # (1, S, 1)
+    cols = torch.arange(x.shape[3], device=x.device).view(1, 1, -1)   # (1, 1, S)
+    top, left, height, width = (boxes[:, i].view(-1, 1, 1) for i in range(4))  # (B, 1, 1) each
+    inside = (rows >= top) & (rows < top + height) & (cols >= left) & (cols < left + width)  # (B, S, S)
+    return torch.where(inside[:, None], torch.randn_like(x), x)
 
 
 class TrainTransform:
-    """The official training pipeline: PIL image, rng -> normalised float tensor (3, S, S).
+    """The official training pipeline: PIL image, rng -> (uint8 tensor (3, S, S), erase box (4,)).
+    The loader ships uint8 pictures and boxes; normalize_and_erase finishes the batch on the GPU.
 
     With `draft` (the default), `ImageFolder` calls `load(path, rng)` and then `finish`, so that a
     JPEG is decoded at a reduced scale when its crop box is large enough (`load_rgb_for_crop`).
@@ -348,14 +363,14 @@ class TrainTransform:
         return load_rgb_for_crop(path, lambda w, h: random_crop_box(w, h, rng), self.img_size)
 
     def finish(self, img, box, rng):
-        """Crop `box` resized to S x S, then flip, RandAugment, normalise, random erasing."""
+        """Crop `box` resized to S x S, then flip, RandAugment; draw the random erasing box."""
         img = img.resize((self.img_size, self.img_size), rng.choice(RANDOM_INTERPOLATIONS), box=box)
         if rng.random() < 0.5:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
         if self.randaugment:
             img = rand_augment(img, rng)
-        x = normalize(to_tensor(img))
-        return random_erasing(x, rng, self.erase_prob) if self.erase_prob > 0 else x
+        erase = erase_box(self.img_size, self.img_size, rng, self.erase_prob) if self.erase_prob > 0 else (0, 0, 0, 0)
+        return to_uint8_tensor(img), torch.tensor(erase)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -609,7 +624,8 @@ def bench(args):
         kb = np.mean([os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder)]) / 1e3
         print(f"{args.images} JPEGs of {args.size[0]} x {args.size[1]} px, quality {args.quality}, "
               f"{kb:.0f} KB on average; training transform to {args.img_size} px (RandAugment "
-              f"{'on' if args.randaugment else 'off'}, random erasing 0.25); torch threads 1")
+              f"{'on' if args.randaugment else 'off'}, random erasing 0.25) to uint8 pictures + erase boxes "
+              f"(normalising and the erase noise run on the GPU); torch threads 1")
         torch.set_num_threads(1)
         for draft in (False, True):
             transform = TrainTransform(args.img_size, bool(args.randaugment), 0.25, draft=draft)
@@ -642,7 +658,7 @@ def bench(args):
                 for _ in loader:  # the first epoch starts the (persistent) workers; the second is timed
                     pass
                 t0, n = time.perf_counter(), 0
-                for x, _ in loader:
+                for (x, _), _ in loader:  # ((uint8 pictures, erase boxes), labels)
                     n += x.shape[0]
                 rate = n / (time.perf_counter() - t0)
                 print(f"draft {'on ' if draft else 'off'}: DataLoader, {workers} worker(s): {rate:.0f} "

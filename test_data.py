@@ -104,13 +104,13 @@ def test_eval_transform_crop_pct_below_one_and_portrait():
 def test_train_transform_shape_range_and_determinism():
     img = random_image(90, 70, seed=3)
     t = data.TrainTransform(48, erase_prob=0.0)
-    lo, hi = (0 - MEAN) / STD, (1 - MEAN) / STD
     outs = [t(img, random.Random(s)) for s in range(20)]
-    for x in outs:
-        assert x.shape == (3, 48, 48) and x.dtype == torch.float32
-        assert (x >= lo - 1e-5).all() and (x <= hi + 1e-5).all()
-    assert torch.equal(t(img, random.Random(7)), outs[7])  # same seed, same image
-    assert len({x.sum().item() for x in outs}) > 15  # different seeds, different images
+    for x, box in outs:
+        assert x.shape == (3, 48, 48) and x.dtype == torch.uint8 and box.tolist() == [0, 0, 0, 0]
+    assert torch.equal(t(img, random.Random(7))[0], outs[7][0])  # same seed, same image
+    assert len({x.sum().item() for x, _ in outs}) > 15  # different seeds, different images
+    boxes = [data.TrainTransform(48, erase_prob=0.5)(img, random.Random(s))[1] for s in range(40)]
+    assert 8 < sum(b[2] > 0 for b in boxes) < 32  # about half of them erase
 
 
 def test_random_resized_crop_full_box_is_a_plain_resize():
@@ -145,18 +145,26 @@ def test_rand_augment_magnitude_and_determinism():
     assert a.size == img.size and a.mode == "RGB"
 
 
-def test_random_erasing_one_box_of_noise():
-    x = torch.full((3, 40, 60), 7.0)
-    out = data.random_erasing(x.clone(), random.Random(0), prob=1.0)
-    changed = (out != 7.0).any(dim=0)  # (H, W)
-    rows, cols = changed.any(dim=1).nonzero(), changed.any(dim=0).nonzero()
-    box = changed[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
-    assert box.all() and changed.sum() == box.numel()  # exactly one filled rectangle
-    area = box.numel() / (40 * 60)
-    assert 0.02 * 0.8 < area < 1 / 3 * 1.2
-    noise = out[:, changed]
-    assert abs(noise.mean()) < 0.3 and 0.7 < noise.std() < 1.3
-    assert torch.equal(data.random_erasing(x.clone(), random.Random(0), prob=0.0), x)
+def test_erase_box_and_normalize_and_erase():
+    h, w = 40, 60
+    boxes = [data.erase_box(h, w, random.Random(s), prob=1.0) for s in range(50)]
+    for top, left, eh, ew in boxes:
+        assert 0 < eh < h and 0 < ew < w and top + eh <= h and left + ew <= w
+        assert 0.02 * 0.8 < eh * ew / (h * w) < 1 / 3 * 1.2
+    assert data.erase_box(h, w, random.Random(0), prob=0.0) == (0, 0, 0, 0)
+    x = torch.randint(0, 256, (3, 3, h, w), dtype=torch.uint8)
+    box = torch.tensor([boxes[0], (0, 0, 0, 0), boxes[1]])  # (3, 4): the middle sample keeps its pixels
+    torch.manual_seed(0)
+    out = data.normalize_and_erase(x, box)
+    plain = torch.stack([data.normalize(xi.double() / 255) for xi in x]).float()  # the per-image CPU formula
+    for i, (top, left, eh, ew) in enumerate(box.tolist()):
+        inside = torch.zeros(h, w, dtype=torch.bool)
+        inside[top:top + eh, left:left + ew] = True
+        torch.testing.assert_close(out[i][:, ~inside], plain[i][:, ~inside], rtol=1e-5, atol=1e-5)
+        if eh:
+            noise = out[i][:, inside]
+            assert not torch.isclose(noise, plain[i][:, inside]).any()
+            assert abs(noise.mean()) < 0.3 and 0.7 < noise.std() < 1.3
 
 
 def coordinate_jpeg(path, w, h):
@@ -182,15 +190,13 @@ def test_draft_mode_crops_the_same_region(tmp_path):
     coordinate_jpeg(tmp_path / "c" / "0.JPEG", w, h)
     sets = [data.ImageFolder(str(tmp_path), data.TrainTransform(size, randaugment=False, erase_prob=0.0, draft=d))
             for d in (True, False)]
-    lo, hi = (0 - MEAN) / STD, (1 - MEAN) / STD
     errors, drafted = [], 0
     for seed in range(30):
-        xd, xf = (ds[(0, seed)][0] for ds in sets)
+        xd, xf = (ds[(0, seed)][0][0].float() / 255 for ds in sets)
         assert xd.shape == xf.shape == (3, size, size)
-        assert (xd >= lo - 1e-5).all() and (xd <= hi + 1e-5).all()
         left, top, right, bottom = data.random_crop_box(w, h, random.Random(seed))  # the first draw, in both
         drafted += min(right - left, bottom - top) >= 2 * size
-        coords = [(x * STD + MEAN)[:2] * torch.tensor([w - 1, h - 1]).view(2, 1, 1) for x in (xd, xf)]  # (2, S, S)
+        coords = [x[:2] * torch.tensor([w - 1, h - 1]).view(2, 1, 1) for x in (xd, xf)]  # (2, S, S)
         pixel = torch.tensor([(right - left) / size, (bottom - top) / size]).view(2, 1, 1)  # source px per output px
         errors.append(((coords[0] - coords[1]).abs() / pixel)[:, 2:-2, 2:-2])  # in output pixels, off the border
     errors = torch.stack(errors)
@@ -296,10 +302,10 @@ def test_loader_is_independent_of_worker_count(tmp_path):
         sampler = data.EpochSampler(len(ds), 1, 0, shuffle=True, seed=3)
         sampler.set_epoch(2)
         loader = data.make_loader(ds, 4, sampler, workers, train=True)
-        batches.append([(x.clone(), y.clone()) for x, y in loader])
+        batches.append([(x.clone(), b.clone(), y.clone()) for (x, b), y in loader])
     assert len(batches[0]) == 2  # 10 images, full batches of 4 only
-    for (xa, ya), (xb, yb) in zip(*batches):
-        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    for (xa, ba, ya), (xb, bb, yb) in zip(*batches):
+        assert torch.equal(xa, xb) and torch.equal(ba, bb) and torch.equal(ya, yb)
 
 
 def test_loader_benchmark_runs(capsys):

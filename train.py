@@ -468,16 +468,17 @@ class CudaGraphStep:
 
 def train_step(model, ema, optimizer, scaler, micro_batches, seeds, args, num_classes, use_mesa, autocast,
                no_sync=contextlib.nullcontext, graph=None):
-    """One optimizer step over a list of micro-batches [(x, labels)], each with its seed: per micro-batch
-    mixup/cutmix, forward, loss (+ MESA), backward of loss / len(micro_batches); then clip, optimizer
-    step, EMA update. Returns (mean loss, grad_norm) as tensors on the device; a non-finite grad_norm
+    """One optimizer step over a list of micro-batches [(uint8 x, erase boxes, labels)], each with its
+    seed: per micro-batch normalising and erasing (data.normalize_and_erase), mixup/cutmix, forward,
+    loss (+ MESA), backward of loss / len(micro_batches); then clip, optimizer step, EMA update. Returns (mean loss, grad_norm) as tensors on the device; a non-finite grad_norm
     means the update was skipped (identical on every rank, since the gradients are averaged by then).
     With a CudaGraphStep (one micro-batch, no DDP wrapper), the gradients are averaged over the
     ranks here, in one collective, after the replay."""
     loss_sum = 0.0
     scale = lambda loss: scaler.scale(loss / len(micro_batches))  # noqa: E731  .grad: the micro-batch mean
-    for m, ((x, labels), seed) in enumerate(zip(micro_batches, seeds)):
-        torch.manual_seed(seed)  # drop path draws from the global generator
+    for m, ((x, boxes, labels), seed) in enumerate(zip(micro_batches, seeds)):
+        torch.manual_seed(seed)  # erase noise and drop path draw from the global generator
+        x = data.normalize_and_erase(x, boxes)  # uint8 -> normalised float32, the boxes filled with noise
         x, target = data.mixup_cutmix(x, labels, num_classes, random.Random(seed), args.mixup, args.cutmix,
                                       smoothing=args.smoothing)
         if graph is not None:
@@ -578,10 +579,11 @@ def train_one_epoch(epoch, state, loader, ema, args, ctx):
             micro_batches, step_wait = [], 0.0
             for _ in range(args.accum_steps):
                 t_wait = time.perf_counter()
-                x, labels = next(batches)
+                (x, boxes), labels = next(batches)
                 step_wait += time.perf_counter() - t_wait
                 x = x.to(ctx["device"], non_blocking=True).contiguous(memory_format=torch.channels_last)
-                micro_batches.append((x, labels.to(ctx["device"], non_blocking=True)))
+                micro_batches.append((x, boxes.to(ctx["device"], non_blocking=True),
+                                      labels.to(ctx["device"], non_blocking=True)))
             # micro-step m of rank r holds the sampler's chunk m x world + r of this step's images: the
             # same chunk, and so the same seed, as rank m x world + r of a run without accumulation
             seeds = [step_seed(args, m * args.world_size + ctx["rank"], step) for m in range(args.accum_steps)]
@@ -628,14 +630,16 @@ def benchmark(args, device, log):
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     autocast = make_autocast(args, device)
     step_model, no_sync, graph = wrap_for_training(model, ema, args, autocast)
-    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
+    x = torch.randint(0, 256, (args.batch_size, 3, args.img_size, args.img_size), dtype=torch.uint8, device=device)
+    boxes = torch.tensor([data.erase_box(args.img_size, args.img_size, random.Random(i), args.reprob)
+                          for i in range(args.batch_size)], device=device)  # (batch, 4), about reprob of them boxes
     labels = torch.randint(0, 1000, (args.batch_size,), device=device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     use_mesa = ema is not None and args.mesa > 0  # MESA's extra EMA forward, as late in training
 
     def run(n):
         for i in range(n):
-            micro_batches = [(x.clone().contiguous(memory_format=torch.channels_last), labels)
+            micro_batches = [(x.clone().contiguous(memory_format=torch.channels_last), boxes, labels)
                              for _ in range(args.accum_steps)]
             train_step(step_model, ema, optimizer, scaler, micro_batches, [i] * args.accum_steps, args, 1000,
                        use_mesa, autocast, no_sync, graph)
