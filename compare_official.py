@@ -38,7 +38,7 @@ def time_steps(step, iters, repeats):
 
 
 KERNEL_KINDS = (  # first match wins; names as cuDNN, cuBLAS, Triton and PyTorch give their kernels
-    ("scan", ("selective_scan",)),
+    ("scan", ("selective_scan", "scan_")),
     ("fused (Triton)", ("triton",)),
     ("attention", ("flash", "fmha", "attention")),
     ("convolution", ("conv", "dgrad", "wgrad", "fprop", "implicit_gemm", "winograd")),
