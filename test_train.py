@@ -34,7 +34,8 @@ def demo_dir(tmp_path_factory):
 
 def run_train(*flags, nproc=None, timeout=120):
     """train.py in a fresh process (through torchrun for nproc): returns the CompletedProcess."""
-    cmd = [sys.executable] + (["-m", "torch.distributed.run", f"--nproc_per_node={nproc}"] if nproc else []) + \
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]  # a free port each time
+    cmd = [sys.executable] + (launcher if nproc else []) + \
           [os.path.join(HERE, "train.py")] + list(flags)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=HERE)
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=HERE)
