@@ -470,8 +470,9 @@ def train_step(model, ema, optimizer, scaler, micro_batches, seeds, args, num_cl
                no_sync=contextlib.nullcontext, graph=None):
     """One optimizer step over a list of micro-batches [(uint8 x, erase boxes, labels)], each with its
     seed: per micro-batch normalising and erasing (data.normalize_and_erase), mixup/cutmix, forward,
-    loss (+ MESA), backward of loss / len(micro_batches); then clip, optimizer step, EMA update. Returns (mean loss, grad_norm) as tensors on the device; a non-finite grad_norm
-    means the update was skipped (identical on every rank, since the gradients are averaged by then).
+    loss (+ MESA), backward of loss / len(micro_batches); then clip, optimizer step, EMA update.
+    Returns (mean loss, grad_norm) as tensors on the device; a non-finite grad_norm means the update
+    was skipped (identical on every rank, since the gradients are averaged by then).
     With a CudaGraphStep (one micro-batch, no DDP wrapper), the gradients are averaged over the
     ranks here, in one collective, after the replay."""
     loss_sum = 0.0
