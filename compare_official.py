@@ -5,8 +5,9 @@
 Both networks get the same weights, the same inputs and the same scan (official.py points the
 official code's scan at ours), so the ratios measure the model code alone. Inference: eval mode, no
 grad, bf16 autocast, channels_last. Training: forward, cross-entropy, backward and a fused AdamW step,
-same settings; --cuda-graph adds rows with forward + backward replayed as one CUDA graph. Each row is images/s (median of --repeats timed runs of --iters steps, CUDA events)
-and the peak allocated memory. With --profile, each row is followed by where its GPU time goes
+same settings; --cuda-graph adds rows with forward + backward replayed as one CUDA graph. Each row
+is images/s (median of --repeats timed runs of --iters steps, CUDA events) and the peak allocated
+memory. With --profile, each row is followed by where its GPU time goes
 (torch.profiler over 3 steps): kernel time per step by kind, the largest kernels, and how busy the GPU
 was (kernel time over wall time; well under 100% means the step waits on the CPU to launch work).
 """
