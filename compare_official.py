@@ -22,20 +22,22 @@ from official import official_model
 from train import CudaGraphStep
 
 
+def seconds_per_call(step, iters):
+    """GPU seconds per call of step() over `iters` calls in a row (CUDA events)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        step()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1e3 / iters
+
+
 def time_steps(step, iters, repeats):
     """Median seconds per call of step() over `repeats` runs of `iters` calls, after a warm-up."""
     for _ in range(3):
         step()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(iters):
-            step()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3 / iters)
-    return statistics.median(times)
+    return statistics.median(seconds_per_call(step, iters) for _ in range(repeats))
 
 
 KERNEL_KINDS = (  # first match wins; names as cuDNN, cuBLAS, Triton and PyTorch give their kernels
@@ -61,13 +63,7 @@ def profile_steps(step, steps=3, top=12):
     from torch.profiler import ProfilerActivity, profile
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(steps):
-            step()
-        end.record()
-        torch.cuda.synchronize()
-    wall_ms = start.elapsed_time(end) / steps
+        wall_ms = 1e3 * seconds_per_call(step, steps)
     kernels = {}  # name -> (total us, calls)
     for e in prof.key_averages():
         if e.device_type == torch.autograd.DeviceType.CUDA and e.device_time_total > 0:

@@ -30,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
+from eval import evaluate as evaluation_sums
 from model import VARIANTS, MambaVision, build_model
 
 # The official ImageNet-1K recipe per variant (NOTES.md, from the released configs).
@@ -516,9 +517,9 @@ def wrap_for_training(model, ema, args, autocast):
     gradients after the replay instead), weights taken from rank 0 as DDP would, and the captured
     forward_backward calls the (compiled) model."""
     if args.cuda_graph:
-        for module in (model, ema.module if ema is not None else None):
-            if module is not None:
-                broadcast_from_rank0_(module)
+        broadcast_from_rank0_(model)
+        if ema is not None:
+            broadcast_from_rank0_(ema.module)
         step_model = torch.compile(model) if args.compile else model
         graph = CudaGraphStep(model, lambda x, target, use_mesa: forward_backward(
             step_model, ema, x, target, args, use_mesa, autocast))
@@ -529,20 +530,12 @@ def wrap_for_training(model, ema, args, autocast):
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, autocast):
-    """Top-1 / top-5 accuracy (%) over the whole set, every rank's share added up."""
-    model.eval()
-    correct1 = correct5 = count = 0
-    for x, y in loader:
-        x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        y = y.to(device, non_blocking=True)
-        with autocast:
-            logits = model(x)
-        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices  # (B, 5)
-        correct1 += (top5[:, 0] == y).sum().item()
-        correct5 += (top5 == y[:, None]).any(dim=1).sum().item()
-        count += y.shape[0]
-    correct1, correct5, count = all_reduce_sum([correct1, correct5, count], device)
+def evaluate(model, loader, device, dtype):
+    """Top-1 / top-5 accuracy (%) over the whole set, every rank's share added up (eval.py's loop)."""
+    sums = evaluation_sums(model, loader, device, dtype, progress=False)  # [loss, top-1, top-5, images]
+    if dist.is_initialized():
+        dist.all_reduce(sums)
+    _, correct1, correct5, count = sums.tolist()
     return 100 * correct1 / count, 100 * correct5 / count
 
 
@@ -680,9 +673,12 @@ def make_optimizer(model, args, device):
     return torch.optim.AdamW(groups, lr=args.lr, betas=args.betas, eps=args.eps, fused=device.type == "cuda")
 
 
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": torch.float32}
+
+
 def make_autocast(args, device):
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[args.amp]
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+    dtype = AMP_DTYPES[args.amp]
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
 def build_data(args, rank, world, device):
@@ -865,11 +861,11 @@ def run(args, rank, world, device):
         if ema is not None:
             check_replicas_in_sync(ema.module, "EMA weights")
         average_bn_stats(model)
-        top1, top5 = evaluate(model, val_loader, device, ctx["autocast"])
+        top1, top5 = evaluate(model, val_loader, device, AMP_DTYPES[args.amp])
         ema_top1 = ema_top5 = None
         if ema is not None:
             average_bn_stats(ema.module)
-            ema_top1, ema_top5 = evaluate(ema.module, val_loader, device, ctx["autocast"])
+            ema_top1, ema_top5 = evaluate(ema.module, val_loader, device, AMP_DTYPES[args.amp])
         best = max(top1, ema_top1 or 0.0)
         is_best = best > state["best_top1"]
         state.update(epoch=epoch + 1, best_top1=max(best, state["best_top1"]))
