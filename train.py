@@ -469,8 +469,9 @@ class CudaGraphStep:
 
 def train_step(model, ema, optimizer, scaler, micro_batches, seeds, args, num_classes, use_mesa, autocast,
                no_sync=contextlib.nullcontext, graph=None):
-    """One optimizer step over a list of micro-batches [(uint8 x, erase boxes, labels)], each with its
-    seed: per micro-batch normalising and erasing (data.normalize_and_erase), mixup/cutmix, forward,
+    """One optimizer step over a list of micro-batches [(uint8 x, erase boxes, RandAugment programs,
+    labels)], each with its seed: per micro-batch RandAugment, normalising and erasing on the device
+    (data.augment_on_device), mixup/cutmix, forward,
     loss (+ MESA), backward of loss / len(micro_batches); then clip, optimizer step, EMA update.
     Returns (mean loss, grad_norm) as tensors on the device; a non-finite grad_norm means the update
     was skipped (identical on every rank, since the gradients are averaged by then).
@@ -478,9 +479,9 @@ def train_step(model, ema, optimizer, scaler, micro_batches, seeds, args, num_cl
     ranks here, in one collective, after the replay."""
     loss_sum = 0.0
     scale = lambda loss: scaler.scale(loss / len(micro_batches))  # noqa: E731  .grad: the micro-batch mean
-    for m, ((x, boxes, labels), seed) in enumerate(zip(micro_batches, seeds)):
+    for m, ((x, boxes, programs, labels), seed) in enumerate(zip(micro_batches, seeds)):
         torch.manual_seed(seed)  # erase noise and drop path draw from the global generator
-        x = data.normalize_and_erase(x, boxes)  # uint8 -> normalised float32, the boxes filled with noise
+        x = data.augment_on_device(x, boxes, programs)  # uint8 -> augmented, normalised float32
         x, target = data.mixup_cutmix(x, labels, num_classes, random.Random(seed), args.mixup, args.cutmix,
                                       smoothing=args.smoothing)
         if graph is not None:
@@ -573,10 +574,10 @@ def train_one_epoch(epoch, state, loader, ema, args, ctx):
             micro_batches, step_wait = [], 0.0
             for _ in range(args.accum_steps):
                 t_wait = time.perf_counter()
-                (x, boxes), labels = next(batches)
+                (x, boxes, programs), labels = next(batches)
                 step_wait += time.perf_counter() - t_wait
                 x = x.to(ctx["device"], non_blocking=True).contiguous(memory_format=torch.channels_last)
-                micro_batches.append((x, boxes.to(ctx["device"], non_blocking=True),
+                micro_batches.append((x, boxes.to(ctx["device"], non_blocking=True), programs,
                                       labels.to(ctx["device"], non_blocking=True)))
             # micro-step m of rank r holds the sampler's chunk m x world + r of this step's images: the
             # same chunk, and so the same seed, as rank m x world + r of a run without accumulation
@@ -627,13 +628,15 @@ def benchmark(args, device, log):
     x = torch.randint(0, 256, (args.batch_size, 3, args.img_size, args.img_size), dtype=torch.uint8, device=device)
     boxes = torch.tensor([data.erase_box(args.img_size, args.img_size, random.Random(i), args.reprob)
                           for i in range(args.batch_size)], device=device)  # (batch, 4), about reprob of them boxes
+    programs = torch.stack([data.rand_augment_program(random.Random(i), num_ops=2 if args.randaugment else 0)
+                            for i in range(args.batch_size)])  # (batch, 2, 4) on the CPU, as the loader gives
     labels = torch.randint(0, 1000, (args.batch_size,), device=device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     use_mesa = ema is not None and args.mesa > 0  # MESA's extra EMA forward, as late in training
 
     def run(n):
         for i in range(n):
-            micro_batches = [(x.clone().contiguous(memory_format=torch.channels_last), boxes, labels)
+            micro_batches = [(x.clone().contiguous(memory_format=torch.channels_last), boxes, programs, labels)
                              for _ in range(args.accum_steps)]
             train_step(step_model, ema, optimizer, scaler, micro_batches, [i] * args.accum_steps, args, 1000,
                        use_mesa, autocast, no_sync, graph)
