@@ -197,6 +197,15 @@ def test_rand_augment_batch_runs_whole_programs_like_pillow():
     assert not torch.equal(out, x)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_rand_augment_batch_on_the_gpu_equals_the_cpu():
+    x = photo_batch(62, 224, 224, seed=2)  # a training batch's size and shape
+    programs = torch.stack([data.rand_augment_program(random.Random(s)) for s in range(len(x))])
+    out = data.rand_augment_batch(x.cuda().contiguous(memory_format=torch.channels_last), programs)
+    diff = (out.cpu().int() - data.rand_augment_batch(x, programs).int()).abs()
+    assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-4
+
+
 def test_rand_augment_ops_identity_at_zero_and_increasing():
     yy, xx = np.mgrid[0:64, 0:64]
     smooth = np.stack([xx * 3, yy * 3, 128 + 60 * np.sin(xx / 6) * np.cos(yy / 9)], axis=-1)
