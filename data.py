@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageEnhance, ImageOps
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -255,12 +255,14 @@ def random_crop_box(w, h, rng, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
 # / 10). In the increasing set a larger level is always a stronger change. Signed ops flip their sign
 # at random; geometric ops fill with the mean colour and resample bilinear or bicubic at random.
 #
-# The official code runs these ops with Pillow in the loader workers, and on 16 cores per GPU that costs
-# a fifth of the time a training step takes. Here a worker only draws each image's choices
-# (`rand_augment_program`) and `rand_augment_batch` applies them to the whole uint8 batch on the GPU,
-# with Pillow's own arithmetic: the same lookup tables, blends (in float32, truncated) and affine
-# resampling (pixel-centre mapping, Pillow's a = -1 bicubic, edge clamping, fill outside), so the
-# pictures equal Pillow's (test_data.py checks them against Pillow, op by op).
+# A loader worker draws each image's choices as a small "program" (`rand_augment_program`), then
+# either runs it with Pillow, as the official code does (`rand_augment`, the default), or ships it with
+# the uint8 picture so that `rand_augment_batch` runs it for the whole batch on the GPU (train.py
+# --gpu-randaugment). The GPU path uses Pillow's own arithmetic: the same lookup tables, blends (in
+# float32, truncated) and affine resampling (pixel-centre mapping, Pillow's a = -1 bicubic, edge
+# clamping, fill outside), so both give the same pictures (test_data.py checks it, op by op). It takes
+# about a quarter of a loader worker's time off the CPU, and costs the GPU a few hundred small kernel
+# launches a step: worth it only where the CPU cores cannot keep up with the GPU (BENCHMARKS.md).
 MAX_MAGNITUDE = 10.0
 FILL = tuple(round(255 * m) for m in IMAGENET_MEAN)
 RANDAUGMENT_OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasing", "SolarizeIncreasing",
@@ -269,6 +271,34 @@ RANDAUGMENT_OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeInc
 POINT_OPS = ("AutoContrast", "Equalize", "Invert", "PosterizeIncreasing", "SolarizeIncreasing", "SolarizeAdd")
 BLEND_OPS = ("ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing", "SharpnessIncreasing")
 GEOMETRIC_OPS = ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
+
+
+def _pillow_posterize(img, bits):
+    """Keep the top `bits` bits of each channel; 0 bits -> black (Pillow refuses bits = 0)."""
+    return ImageOps.posterize(img, bits) if bits > 0 else Image.new("RGB", img.size)
+
+
+def _pillow_affine(img, coeffs, resample):
+    return img.transform(img.size, Image.AFFINE, coeffs, resample=resample, fillcolor=FILL)
+
+
+PILLOW_OPS = {  # name -> f(img, level in [0, 1], sign +-1, Pillow resampling filter)
+    "AutoContrast": lambda img, v, s, r: ImageOps.autocontrast(img),
+    "Equalize": lambda img, v, s, r: ImageOps.equalize(img),
+    "Invert": lambda img, v, s, r: ImageOps.invert(img),
+    "Rotate": lambda img, v, s, r: img.rotate(s * (30 * v), resample=r, fillcolor=FILL),
+    "PosterizeIncreasing": lambda img, v, s, r: _pillow_posterize(img, 4 - int(4 * v)),
+    "SolarizeIncreasing": lambda img, v, s, r: ImageOps.solarize(img, 256 - int(256 * v)),
+    "SolarizeAdd": lambda img, v, s, r: img.point([min(255, i + int(110 * v)) if i < 128 else i for i in range(256)] * 3),
+    "ColorIncreasing": lambda img, v, s, r: ImageEnhance.Color(img).enhance(1 + s * (0.9 * v)),
+    "ContrastIncreasing": lambda img, v, s, r: ImageEnhance.Contrast(img).enhance(1 + s * (0.9 * v)),
+    "BrightnessIncreasing": lambda img, v, s, r: ImageEnhance.Brightness(img).enhance(1 + s * (0.9 * v)),
+    "SharpnessIncreasing": lambda img, v, s, r: ImageEnhance.Sharpness(img).enhance(1 + s * (0.9 * v)),
+    "ShearX": lambda img, v, s, r: _pillow_affine(img, (1, s * (0.3 * v), 0, 0, 1, 0), r),
+    "ShearY": lambda img, v, s, r: _pillow_affine(img, (1, 0, 0, s * (0.3 * v), 1, 0), r),
+    "TranslateXRel": lambda img, v, s, r: _pillow_affine(img, (1, 0, s * (0.45 * v) * img.size[0], 0, 1, 0), r),
+    "TranslateYRel": lambda img, v, s, r: _pillow_affine(img, (1, 0, 0, 0, 1, s * (0.45 * v) * img.size[1]), r),
+}
 
 
 def rand_augment_program(rng, num_ops=2, magnitude=9.0, magnitude_std=0.5, prob=0.5):
@@ -283,6 +313,14 @@ def rand_augment_program(rng, num_ops=2, magnitude=9.0, magnitude_std=0.5, prob=
         bicubic = float(rng.random() < 0.5)
         rows.append((op if applied else -1, level, sign, bicubic))
     return torch.tensor(rows, dtype=torch.float64).view(num_ops, 4)
+
+
+def rand_augment(img, program):
+    """Run a RandAugment program on one PIL image with Pillow, as the official code does."""
+    for op, level, sign, bicubic in program.tolist():
+        if op >= 0:
+            img = PILLOW_OPS[RANDAUGMENT_OPS[int(op)]](img, level, sign, Image.BICUBIC if bicubic else Image.BILINEAR)
+    return img
 
 
 def _is_op(op, names):
@@ -470,16 +508,18 @@ def augment_on_device(x, boxes, programs):
 
 class TrainTransform:
     """The official training pipeline: PIL image, rng -> (uint8 tensor (3, S, S), erase box (4,),
-    RandAugment program (2, 4), or (0, 4) without RandAugment). The loader ships uint8 pictures with
-    their draws; `augment_on_device` finishes the batch (RandAugment, normalising, erasing) on the GPU.
+    RandAugment program left to run (2, 4) with `gpu_randaugment`, else (0, 4)). The loader ships
+    uint8 pictures with these draws; `augment_on_device` finishes the batch on the GPU (RandAugment
+    there if asked, normalising, erasing).
 
     With `draft` (the default), `ImageFolder` calls `load(path, rng)` and then `finish`, so that a
     JPEG is decoded at a reduced scale when its crop box is large enough (`load_rgb_for_crop`).
     The crop box is drawn on the full image size either way, so the crops' distribution is unchanged.
     """
 
-    def __init__(self, img_size, randaugment=True, erase_prob=0.25, draft=True):
+    def __init__(self, img_size, randaugment=True, erase_prob=0.25, draft=True, gpu_randaugment=False):
         self.img_size, self.randaugment, self.erase_prob, self.draft = img_size, randaugment, erase_prob, draft
+        self.gpu_randaugment = gpu_randaugment
 
     def __call__(self, img, rng=random):
         return self.finish(img, random_crop_box(*img.size, rng), rng)
@@ -489,11 +529,13 @@ class TrainTransform:
         return load_rgb_for_crop(path, lambda w, h: random_crop_box(w, h, rng), self.img_size)
 
     def finish(self, img, box, rng):
-        """Crop `box` resized to S x S, then flip; draw the RandAugment program and the erasing box."""
+        """Crop `box` resized to S x S, then flip, RandAugment (or only its draws); the erasing box."""
         img = img.resize((self.img_size, self.img_size), rng.choice(RANDOM_INTERPOLATIONS), box=box)
         if rng.random() < 0.5:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
         program = rand_augment_program(rng, num_ops=2 if self.randaugment else 0)
+        if not self.gpu_randaugment:
+            img, program = rand_augment(img, program), program[:0]
         erase = erase_box(self.img_size, self.img_size, rng, self.erase_prob) if self.erase_prob > 0 else (0, 0, 0, 0)
         return to_uint8_tensor(img), torch.tensor(erase), program
 
@@ -749,11 +791,12 @@ def bench(args):
         kb = np.mean([os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder)]) / 1e3
         print(f"{args.images} JPEGs of {args.size[0]} x {args.size[1]} px, quality {args.quality}, "
               f"{kb:.0f} KB on average; training transform to {args.img_size} px (RandAugment "
-              f"{'on' if args.randaugment else 'off'}, random erasing 0.25) to uint8 pictures + erase boxes + "
-              f"RandAugment programs (RandAugment, normalising and the erase noise run on the GPU); torch threads 1")
+              f"{'on' if args.randaugment else 'off'}{', run on the GPU' if args.gpu_randaugment else ''}, random "
+              f"erasing 0.25) to uint8 pictures (normalising and the erase noise run on the GPU); torch threads 1")
         torch.set_num_threads(1)
         for draft in (False, True):
-            transform = TrainTransform(args.img_size, bool(args.randaugment), 0.25, draft=draft)
+            transform = TrainTransform(args.img_size, bool(args.randaugment), 0.25, draft=draft,
+                                       gpu_randaugment=bool(args.gpu_randaugment))
             ds = ImageFolder(root, transform)
             paths = [path for path, _ in ds.samples]
 
@@ -790,7 +833,7 @@ def bench(args):
                       f"images/s, {rate / workers:.0f} per worker")
                 del loader
         if torch.cuda.is_available():
-            bench_device_steps(ds, args.batch_size)
+            bench_device_steps(ds, 128)  # a training batch
 
 
 def bench_device_steps(dataset, batch_size, repeats=20):
@@ -824,6 +867,8 @@ def main():
     p.add_argument("--quality", type=int, default=90, help="JPEG quality")
     p.add_argument("--img-size", type=int, default=224, help="training image side")
     p.add_argument("--randaugment", type=int, choices=(0, 1), default=1, help="RandAugment on/off")
+    p.add_argument("--gpu-randaugment", type=int, choices=(0, 1), default=0,
+                   help="leave RandAugment to the GPU (train.py --gpu-randaugment) and time it there")
     p.add_argument("--batch-size", type=int, default=32, help="loader batch size")
     p.add_argument("--repeat", type=int, default=3, help="passes per timing; the fastest counts")
     args = p.parse_args()

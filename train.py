@@ -100,6 +100,8 @@ def get_parser():
     p.add_argument("--cutmix", type=float, help="cutmix alpha, 0 = off (recipe: 1.0)")
     p.add_argument("--randaugment", type=int, choices=(0, 1), help="RandAugment rand-m9-mstd0.5-inc1 on/off")
     p.add_argument("--reprob", type=float, help="random erasing probability (recipe: 0.25)")
+    p.add_argument("--gpu-randaugment", action="store_true", help="run RandAugment batched on the GPU instead "
+                   "of in the loader workers (same pictures): for when the CPU cores cannot keep up")
     p.add_argument("--img-size", type=int, help="training and evaluation image side (recipe: 224)")
     p.add_argument("--window-size", type=int, nargs=4, help="override the model's 4 window sizes")
     p.add_argument("--model-overrides", type=json.loads, default={},
@@ -628,8 +630,9 @@ def benchmark(args, device, log):
     x = torch.randint(0, 256, (args.batch_size, 3, args.img_size, args.img_size), dtype=torch.uint8, device=device)
     boxes = torch.tensor([data.erase_box(args.img_size, args.img_size, random.Random(i), args.reprob)
                           for i in range(args.batch_size)], device=device)  # (batch, 4), about reprob of them boxes
-    programs = torch.stack([data.rand_augment_program(random.Random(i), num_ops=2 if args.randaugment else 0)
-                            for i in range(args.batch_size)])  # (batch, 2, 4) on the CPU, as the loader gives
+    ops = 2 if args.randaugment and args.gpu_randaugment else 0  # else RandAugment is the loader's work
+    programs = torch.stack([data.rand_augment_program(random.Random(i), num_ops=ops)
+                            for i in range(args.batch_size)])  # (batch, ops, 4) on the CPU, as the loader gives
     labels = torch.randint(0, 1000, (args.batch_size,), device=device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     use_mesa = ema is not None and args.mesa > 0  # MESA's extra EMA forward, as late in training
@@ -655,7 +658,7 @@ def benchmark(args, device, log):
     log(f"benchmark: variant {args.variant}, {args.world_size} process(es) x batch {args.batch_size} x "
         f"{args.accum_steps} micro-steps, {args.img_size} px, amp {args.amp}, opt {args.opt}, "
         f"EMA {'on' if ema else 'off'}, MESA {'on' if use_mesa else 'off'}, compile {args.compile}, "
-        f"CUDA graph {args.cuda_graph}: "
+        f"CUDA graph {args.cuda_graph}, RandAugment on the GPU {args.gpu_randaugment}: "
         f"{images / seconds:.0f} images/s ({images / seconds / args.world_size:.0f} per process), "
         f"{1000 * seconds / args.benchmark_steps:.1f} ms/step, peak memory {peak:.2f} GiB"
         + (" (warm-up and capture included)" if graph is not None else ""))
@@ -700,7 +703,8 @@ def build_data(args, rank, world, device):
     train_dir, val_dir = os.path.join(args.data_dir, "train"), os.path.join(args.data_dir, "val")
     classes = data.list_classes(train_dir)
     data.check_same_classes(classes, data.list_classes(val_dir))
-    train_set = data.ImageFolder(train_dir, data.TrainTransform(args.img_size, args.randaugment, args.reprob),
+    train_set = data.ImageFolder(train_dir, data.TrainTransform(args.img_size, args.randaugment, args.reprob,
+                                                                   gpu_randaugment=args.gpu_randaugment),
                                  classes=classes)
     v = VARIANTS[args.variant]
     val_set = data.ImageFolder(val_dir, data.eval_transform(args.img_size, v["crop_pct"], v["crop_mode"]),
