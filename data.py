@@ -330,8 +330,8 @@ def _is_op(op, names):
 
 def _point_ops(x, p):
     """Ops that map each grey level through a table of 256 per picture and channel: uint8 (G, 3, H, W),
-    program rows p (G, 4) on the CPU -> uint8 (G, 3, H, W)."""
-    g, p = x.shape[0], _to_device(p, x.device)
+    program rows p (G, 4) -> uint8 (G, 3, H, W)."""
+    g = x.shape[0]
     flat = x.reshape(g, 3, -1).long()                                                    # (G, 3, H W)
     hist = torch.zeros(g, 3, 256, dtype=torch.long, device=x.device).scatter_add_(2, flat, torch.ones_like(flat))
     i = torch.arange(256, device=x.device).expand(g, 3, 256)                            # (G, 3, 256) levels
@@ -377,8 +377,8 @@ def _blend_ops(x, p):
     """Ops that blend the picture with a degenerate one, out = degenerate + factor (x - degenerate),
     factor = 1 +- 0.9 level (Pillow's Image.blend in float32, truncated): black (Brightness), its grey
     (Color), its mean grey (Contrast), its smoothed self (Sharpness). uint8 (G, 3, H, W), program rows
-    p (G, 4) on the CPU -> uint8 (G, 3, H, W)."""
-    g, p = x.shape[0], _to_device(p, x.device)
+    p (G, 4) -> uint8 (G, 3, H, W)."""
+    g = x.shape[0]
     op = p[:, 0].long().view(g, 1, 1, 1)
     factor = (1 + p[:, 2] * (0.9 * p[:, 1])).float().view(g, 1, 1, 1)
     grey = _grey(x)                                                                       # (G, 1, H, W)
@@ -409,14 +409,12 @@ def _cubic(v1, v2, v3, v4, t):
     return v2 + t * ((v3 - v1) + t * ((2 * (v1 - v2) + v3 - v4) + t * (v2 - v1 - v3 + v4)))
 
 
-def _geometric_ops(x, p, bicubic):
-    """Rotate, shear, translate with one resampling filter: uint8 (G, 3, H, W), program rows p (G, 4) on
-    the CPU -> uint8 (G, 3, H, W).
-    Input positions outside the picture get the fill colour; neighbours past its edge repeat it."""
+def _geometric_ops(x, m, bicubic):
+    """Rotate, shear, translate with one resampling filter: uint8 (G, 3, H, W), the ops' affine maps
+    m (G, 6) (`_affine_matrix`) -> uint8 (G, 3, H, W). Input positions outside the picture get the fill
+    colour; neighbours past its edge repeat it."""
     g, c, h, w = x.shape
-    m = torch.tensor([_affine_matrix(RANDAUGMENT_OPS[int(op)], level, sign, w, h) for op, level, sign, _ in p.tolist()],
-                     dtype=torch.float64)
-    m = _to_device(m, x.device).view(g, 6, 1, 1)
+    m = m.view(g, 6, 1, 1)
     ys, xs = torch.meshgrid(torch.arange(h, device=x.device, dtype=torch.float64) + 0.5,
                             torch.arange(w, device=x.device, dtype=torch.float64) + 0.5, indexing="ij")  # (H, W)
     sx, sy = m[:, 0] * xs + m[:, 1] * ys + m[:, 2], m[:, 3] * xs + m[:, 4] * ys + m[:, 5]  # (G, H, W) input
@@ -441,9 +439,30 @@ def _geometric_ops(x, p, bicubic):
     return torch.where(inside, v, fill).to(torch.uint8)
 
 
+def _bilinear_ops(x, m):
+    return _geometric_ops(x, m, bicubic=False)
+
+
+def _bicubic_ops(x, m):
+    return _geometric_ops(x, m, bicubic=True)
+
+
 def _to_device(t, device):
     """A CPU tensor on `device` without making the host wait: through pinned memory to a GPU."""
     return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+
+
+_FUSED = {}  # function -> its torch.compile'd form, for the GPU
+
+
+def _fused(fn, device):
+    """On a GPU, `fn` compiled for any group size: a few fused kernels instead of ~100 small ones,
+    whose launches would cost more than the work. Elsewhere, `fn` itself."""
+    if device.type != "cuda":
+        return fn
+    if fn not in _FUSED:
+        _FUSED[fn] = torch.compile(fn, dynamic=True, fullgraph=True)
+    return _FUSED[fn]
 
 
 def rand_augment_batch(x, programs):
@@ -453,17 +472,22 @@ def rand_augment_batch(x, programs):
     resampling) are gathered and processed together; the groups are read on the CPU, so the host never
     waits for the device."""
     x = x.clone()
+    h, w = x.shape[2:]
     for slot in range(programs.shape[1]):
         p = programs[:, slot]                                                              # (B, 4)
         op, bicubic = p[:, 0], p[:, 3] > 0
-        groups = ((_is_op(op, POINT_OPS), _point_ops), (_is_op(op, BLEND_OPS), _blend_ops),
-                  (_is_op(op, GEOMETRIC_OPS) & ~bicubic, lambda x, p: _geometric_ops(x, p, bicubic=False)),
-                  (_is_op(op, GEOMETRIC_OPS) & bicubic, lambda x, p: _geometric_ops(x, p, bicubic=True)))
-        for members, apply in groups:
+        geometric = _is_op(op, GEOMETRIC_OPS)
+        for members, apply in ((_is_op(op, POINT_OPS), _point_ops), (_is_op(op, BLEND_OPS), _blend_ops),
+                               (geometric & ~bicubic, _bilinear_ops), (geometric & bicubic, _bicubic_ops)):
             rows = members.nonzero().flatten()                                               # (G,) on the CPU
-            if len(rows):
-                index = _to_device(rows, x.device)
-                x[index] = apply(x[index], p[rows])
+            if len(rows) == 0:
+                continue
+            args = p[rows]
+            if apply in (_bilinear_ops, _bicubic_ops):
+                args = torch.tensor([_affine_matrix(RANDAUGMENT_OPS[int(o)], level, sign, w, h)
+                                     for o, level, sign, _ in args.tolist()], dtype=torch.float64)  # (G, 6)
+            index = _to_device(rows, x.device)
+            x[index] = _fused(apply, x.device)(x[index], _to_device(args, x.device))
     return x
 
 
