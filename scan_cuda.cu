@@ -40,7 +40,8 @@
 // Reductions are deterministic: dB, dC are summed over a block's channels by fixed-order warp
 // shuffles and shared memory, then written as per-block partials; dA, dD, ddelta_bias are written
 // per (b, d); a second small kernel (scan_bwd_finish_kernel) sums the partials in a fixed order
-// and writes the final gradients (dB, dC in the inputs' dtype). No atomics.
+// (a block of 256 threads per 32 dA, dD, ddelta_bias elements; those blocks run first) and writes
+// the final gradients (dB, dC in the inputs' dtype). No atomics.
 //
 // The file includes no PyTorch header, so that it builds in seconds: scan.py allocates every
 // buffer with torch and passes raw pointers and the current stream through ctypes to the
@@ -532,36 +533,57 @@ scan_bwd_kernel(const T* __restrict__ u, const T* __restrict__ delta, const floa
   }
 }
 
-// The backward's last step, one launch: sums the partials in a fixed order into the final
-// gradients. Blocks [0, bc_blocks): one thread per element of dB, dC (b, n, l), summing the
-// channel blocks' dBC_part; the other blocks: one thread per (d, k) of dA (k < n), dD (k = n) and
-// ddelta_bias (k = n + 1), summing dADb_part over the batch.
+// The backward's last step, one launch of kFinishThreads-thread blocks: sums the partials in a
+// fixed order into the final gradients. The first adb_blocks blocks (scheduled first, so that their
+// longer sums do not form the tail) sum dADb_part over the batch: column j of the per-batch-row
+// slab [d][NMAX + 2] is (d, k): dA (k < n), dD (k = NMAX), ddelta_bias (k = NMAX + 1). A block owns
+// 32 columns, one per lane; warp w sums batch rows w, w + 8, ... (16 loads in flight per round),
+// then warp 0 adds the 8 warps' sums in order. The other blocks: one thread per element (m, t) of
+// one batch row's dB, dC, summing the channel blocks' dBC_part.
+constexpr int kFinishWarps = 8, kFinishThreads = kFinishWarps * 32, kFinishLoads = 16;
+
 template <typename T, int NMAX>
-__global__ void __launch_bounds__(256)
+__global__ void __launch_bounds__(kFinishThreads)
 scan_bwd_finish_kernel(const float* __restrict__ dBC_part, const float* __restrict__ dADb_part,
                        T* __restrict__ dB, T* __restrict__ dC, float* __restrict__ dA, float* __restrict__ dD,
-                       float* __restrict__ ddelta_bias, ScanShape p, int channel_blocks, int bc_blocks) {
-  const int n = p.nstate;
-  if ((int)blockIdx.x < bc_blocks) {
-    const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;  // (b, m, t), m < 2 n
-    if (i >= (int64_t)p.batch * 2 * n * p.len) return;
-    const int t = i % p.len, m = (i / p.len) % (2 * n), b = i / ((int64_t)p.len * 2 * n);
+                       float* __restrict__ ddelta_bias, ScanShape p, int channel_blocks, int adb_blocks) {
+  const int n = p.nstate, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  if ((int)blockIdx.x < adb_blocks) {
+    __shared__ float s_sum[kFinishWarps][32];
+    const int cols = p.dim * (NMAX + 2), j = blockIdx.x * 32 + lane;  // column (d, k)
+    const float* src = dADb_part + min(j, cols - 1);
+    float sum = 0.f;
+    for (int b0 = warp; b0 < p.batch; b0 += kFinishWarps * kFinishLoads) {
+      float v[kFinishLoads];
+#pragma unroll
+      for (int i = 0; i < kFinishLoads; ++i) {
+        const int b = b0 + i * kFinishWarps;
+        v[i] = b < p.batch ? src[(int64_t)b * cols] : 0.f;
+      }
+#pragma unroll
+      for (int i = 0; i < kFinishLoads; ++i) sum += v[i];
+    }
+    s_sum[warp][lane] = sum;
+    __syncthreads();
+    if (warp != 0 || j >= cols) return;
+#pragma unroll
+    for (int w = 1; w < kFinishWarps; ++w) sum += s_sum[w][lane];
+    const int d = j / (NMAX + 2), k = j % (NMAX + 2);
+    if (k < n) dA[d * n + k] = sum;
+    else if (k == NMAX) dD[d] = sum;
+    else if (k == NMAX + 1) ddelta_bias[d] = sum;
+  } else {
+    const int per_row = 2 * n * p.len, row_blocks = (per_row + kFinishThreads - 1) / kFinishThreads;
+    const int q = blockIdx.x - adb_blocks, b = q / row_blocks;
+    const int i = (q - b * row_blocks) * kFinishThreads + threadIdx.x;  // (m, t), m < 2 n
+    if (i >= per_row) return;
+    const int m = i / p.len, t = i - m * p.len;
     const int row = m < n ? m : NMAX + m - n;  // dB rows 0.., dC rows NMAX.. of the partials
     const float* src = dBC_part + ((int64_t)b * 2 * NMAX + row) * p.len + t;
     const int64_t part_step = (int64_t)p.batch * 2 * NMAX * p.len;
     float sum = 0.f;
     for (int k = 0; k < channel_blocks; ++k) sum += src[k * part_step];
     (m < n ? dB : dC)[((int64_t)b * n + m % n) * p.len + t] = from_float<T>(sum);
-  } else {
-    const int j = (blockIdx.x - bc_blocks) * blockDim.x + threadIdx.x;  // (d, k), k < n + 2
-    if (j >= p.dim * (n + 2)) return;
-    const int d = j / (n + 2), k = j % (n + 2);
-    const float* src = dADb_part + (int64_t)d * (NMAX + 2) + (k < n ? k : NMAX + k - n);
-    float sum = 0.f;
-#pragma unroll 16
-    for (int b = 0; b < p.batch; ++b) sum += src[(int64_t)b * p.dim * (NMAX + 2)];
-    if (k < n) dA[d * n + k] = sum;
-    else (k == n ? dD : ddelta_bias)[d] = sum;
   }
 }
 
@@ -617,11 +639,13 @@ int launch_bwd(const ScanShape& p, const void* u, const void* delta, const float
       static_cast<T*>(ddelta), dBC_part, dADb_part, p);
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  const int64_t bc_elems = (int64_t)p.batch * 2 * p.nstate * p.len;
-  const int bc_blocks = (int)((bc_elems + 255) / 256), adb_blocks = (p.dim * (p.nstate + 2) + 255) / 256;
+  const int adb_blocks = (p.dim * (NMAX + 2) + 31) / 32;
+  const int64_t bc_blocks = p.batch * (int64_t)((2 * p.nstate * p.len + kFinishThreads - 1) / kFinishThreads);
+  if (adb_blocks + bc_blocks > 2147483647) return -1;
   auto finish = scan_bwd_finish_kernel<T, NMAX>;
-  finish<<<bc_blocks + adb_blocks, 256, 0, stream>>>(dBC_part, dADb_part, static_cast<T*>(dB), static_cast<T*>(dC),
-                                                    dA, dD, ddelta_bias, p, (int)grid.y, bc_blocks);
+  finish<<<(unsigned)(adb_blocks + bc_blocks), kFinishThreads, 0, stream>>>(
+      dBC_part, dADb_part, static_cast<T*>(dB), static_cast<T*>(dC), dA, dD, ddelta_bias, p, (int)grid.y,
+      adb_blocks);
   return cudaGetLastError();
 }
 
@@ -641,9 +665,10 @@ int dispatch(int dtype, int nstate, F&& f) {
 }
 
 bool valid_shape(const ScanShape& p) {
-  // 32-bit offsets inside one batch row's (d, l) slab
+  // 32-bit offsets inside one batch row's (d, l) and (2 NMAX, l) slabs and over the (d, NMAX + 2) partials
   return p.batch >= 1 && p.dim >= 1 && p.dim <= 65535 * kMaxWarps * 32 / kSplit && p.len >= 1 && p.nstate >= 1 &&
-         p.nstate <= 16 && (int64_t)p.dim * p.len < 2147483647;
+         p.nstate <= 16 && (int64_t)p.dim * p.len < 2147483647 && (int64_t)p.dim * 18 < 2147483647 &&
+         (int64_t)p.len * 32 < 2147483647;
 }
 
 }  // namespace
