@@ -25,6 +25,8 @@
 // Sums over a row's states leave the token loops: once the four lanes of a row have read a token's
 // record, each writes its partial result over one field of it (forward: its share of y; backward:
 // its pair's shares of du and ddelta), and the phase that writes the chunk's outputs adds them.
+// For n <= 8 both kernels fit 64 registers, so that 4 blocks of 8 warps share an SM (B stage 3's
+// 512 blocks run in one wave).
 //
 // Forward (scan_fwd_kernel): one pass. When gradients will be needed (scan.py's training op), it
 // also writes the state entering every segment, seg_state[b][d][seg][NMAX] (float32: 4 bytes per
@@ -246,13 +248,13 @@ __device__ __forceinline__ void read_states(const float* s, int c, int part, flo
   }
 }
 
-template <int NT>
+template <int NT>  // from global memory (read-only)
 __device__ __forceinline__ void load_state(const float* p, float (&h)[NT]) {
   if constexpr (NT == 2) {
-    const float2 v = *reinterpret_cast<const float2*>(p);
+    const float2 v = __ldg(reinterpret_cast<const float2*>(p));
     h[0] = v.x; h[1] = v.y;
   } else {
-    const float4 v = *reinterpret_cast<const float4*>(p);
+    const float4 v = __ldg(reinterpret_cast<const float4*>(p));
     h[0] = v.x; h[1] = v.y; h[2] = v.z; h[3] = v.w;
   }
 }
@@ -391,7 +393,7 @@ scan_fwd_kernel(const T* __restrict__ u, const T* __restrict__ delta, const floa
 }
 
 template <typename T, int NMAX>
-__global__ void __launch_bounds__(kMaxWarps * 32, NMAX <= 8 ? 3 : 2)
+__global__ void __launch_bounds__(kMaxWarps * 32, NMAX <= 8 ? 4 : 2)  // 64 / 128 registers, no spills
 scan_bwd_kernel(const T* __restrict__ u, const T* __restrict__ delta, const float* __restrict__ A,
                 const T* __restrict__ Bs, const T* __restrict__ Cs, const float* __restrict__ Dskip,
                 const float* __restrict__ delta_bias, const float* __restrict__ seg_state,  // from the forward
@@ -431,7 +433,10 @@ scan_bwd_kernel(const T* __restrict__ u, const T* __restrict__ delta, const floa
   T *du_b = opaque(du + rows_off), *ddelta_b = opaque(ddelta + rows_off);
   const int n_seg = (p.len + K - 1) / K;
   // Rows past the channel count read row d0's states: their u = dy = 0 makes every term 0.
-  const float* my_seg_state = seg_state + ((int64_t)b * p.dim + (active ? d : d0)) * n_seg * NMAX + part * NT;
+  // (a block-wide base and a 32-bit offset: fewer live registers than a per-thread pointer)
+  const float* seg_state_b = seg_state + ((int64_t)b * p.dim + d0) * n_seg * NMAX;  // (b, d0, 0, 0)
+  const unsigned my_seg_off = (active ? row : 0) * n_seg * NMAX + part * NT;
+  const auto my_seg_state = [&](int seg) { return seg_state_b + (my_seg_off + seg * NMAX); };
   float4* my_x = s_x + row * kRowPad;
   __syncthreads();  // s_par, s_red
 
@@ -443,8 +448,8 @@ scan_bwd_kernel(const T* __restrict__ u, const T* __restrict__ delta, const floa
   float next_state[NT], next_state2[NT];
 #pragma unroll
   for (int i = 0; i < NT; ++i) carry[i] = dA_acc[i] = 0.f;
-  load_state<NT>(my_seg_state + (n_seg - 1) * NMAX, next_state);
-  load_state<NT>(my_seg_state + max(n_seg - 2, 0) * NMAX, next_state2);
+  load_state<NT>(my_seg_state(n_seg - 1), next_state);
+  load_state<NT>(my_seg_state(max(n_seg - 2, 0)), next_state2);
   float dD_acc = 0.f, dbias_acc = 0.f;
   const int n_chunks = (p.len + kChunk - 1) / kChunk;
   // Writes chunk t0's du, ddelta (from the records) and its dB, dC partials: the warps' sums in
@@ -495,7 +500,7 @@ scan_bwd_kernel(const T* __restrict__ u, const T* __restrict__ delta, const floa
         hist[0][i] = next_state[i];
         next_state[i] = next_state2[i];
       }
-      load_state<NT>(my_seg_state + max(seg - 2, 0) * NMAX, next_state2);
+      load_state<NT>(my_seg_state(max(seg - 2, 0)), next_state2);
 #pragma unroll
       for (int j = 0; j < K; ++j) {
         const float4 x = my_x[k0 + j];
@@ -693,10 +698,11 @@ int dispatch(int dtype, int nstate, F&& f) {
 }
 
 bool valid_shape(const ScanShape& p) {
-  // 32-bit offsets inside one batch row's (d, l) and (2 NMAX, l) slabs and over the (d, NMAX + 2) partials
+  // 32-bit offsets inside one batch row's (d, l) and (2 NMAX, l) slabs, one block's segment states
+  // (64 rows x 4 l) and the (d, NMAX + 2) partials
   return p.batch >= 1 && p.dim >= 1 && p.dim <= 65535 * kMaxWarps * 32 / kSplit && p.len >= 1 && p.nstate >= 1 &&
          p.nstate <= 16 && (int64_t)p.dim * p.len < 2147483647 && (int64_t)p.dim * 18 < 2147483647 &&
-         (int64_t)p.len * 32 < 2147483647;
+         (int64_t)p.len * 128 < 2147483647;
 }
 
 }  // namespace
