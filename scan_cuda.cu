@@ -432,8 +432,8 @@ scan_bwd_kernel(const T* __restrict__ u, const T* __restrict__ delta, const floa
   const T *B_b = opaque(Bs + bc_off), *C_b = opaque(Cs + bc_off);
   T *du_b = opaque(du + rows_off), *ddelta_b = opaque(ddelta + rows_off);
   const int n_seg = (p.len + K - 1) / K;
-  // Rows past the channel count read row d0's states: their u = dy = 0 makes every term 0.
-  // (a block-wide base and a 32-bit offset: fewer live registers than a per-thread pointer)
+  // This lane's segment states: a block-wide base and a 32-bit offset (fewer live registers than a
+  // per-thread pointer). Rows past the channel count read row d0's: their u = dy = 0 zero every term.
   const float* seg_state_b = seg_state + ((int64_t)b * p.dim + d0) * n_seg * NMAX;  // (b, d0, 0, 0)
   const unsigned my_seg_off = (active ? row : 0) * n_seg * NMAX + part * NT;
   const auto my_seg_state = [&](int seg) { return seg_state_b + (my_seg_off + seg * NMAX); };
