@@ -8,17 +8,25 @@
 //
 // Layout of the work. The scan is short along l (49..1024 in MambaVision) and wide along b x d.
 // Each (b, d) row is owned by kSplit = 4 neighbouring lanes of a warp, each keeping NT = NMAX / 4
-// of the states in registers (sums over states, such as y, take two shuffles). A block owns one
-// batch row b and 16..64 channels (4..8 warps). It stages kChunk = 32 tokens at a time in shared
-// memory: every thread loads one token of 8 rows per tensor (coalesced, all loads in flight before
-// the first use, 32-bit offsets, rows past the channel count and tokens past l clamped to a valid
-// address and zeroed by a select, no predicated address arithmetic), turns delta into
-// dt = softplus(delta + delta_bias) once per element, and writes one 16-byte record per (row,
-// token), so that each lane reads everything it needs of a token with one vector load:
+// of the states in registers. A block owns one batch row b and 16..64 channels (4..8 warps). It
+// stages kChunk = 32 tokens at a time in shared memory: every thread loads one token of 8 rows per
+// tensor (coalesced, all loads in flight before the first use, 32-bit offsets, rows past the
+// channel count and tokens past l clamped to a valid address and zeroed by a select, no predicated
+// address arithmetic), turns delta into dt = softplus(delta + delta_bias) once per element, and
+// writes one 16-byte record per (row, token), so that each lane reads everything it needs of a
+// token with one vector load:
 //     forward  x = (dt, dt u, D u, 0)       backward  x = (u, dt, dy, sigmoid(delta + delta_bias))
-// B and C (shared by all channels) are staged once per block, transposed to [token][NMAX]. States
-// beyond the real n (when n < NMAX) have A = B = C = 0 and stay zero. Tokens are processed in
-// unrolled, branch-free segments of K tokens (K = 8 for NMAX 8, 4 for NMAX 16).
+// The loads are issued early: the forward loads chunk c + 1 into registers before chunk c's token
+// loop, the backward loads chunk c before it writes out chunk c + 1's results. B and C (shared by
+// all channels) are staged once per block, transposed to [token][NMAX]. States beyond the real n
+// (when n < NMAX) have A = B = C = 0 and stay zero. Tokens are processed in unrolled, branch-free
+// segments of K tokens (K = 8 for NMAX 8, 4 for NMAX 16).
+//
+// Sums over a row's states leave the token loops: once the four lanes of a row have read a token's
+// record, each writes its partial result over one field of it (forward: its share of y; backward:
+// its pair's shares of du and ddelta), and the phase that writes the chunk's outputs adds them.
+// For n <= 8 both kernels fit 64 registers, so that 4 blocks of 8 warps share an SM (B stage 3's
+// 512 blocks run in one wave).
 //
 // Forward (scan_fwd_kernel): one pass. When gradients will be needed (scan.py's training op), it
 // also writes the state entering every segment, seg_state[b][d][seg][NMAX] (float32: 4 bytes per
@@ -34,13 +42,15 @@
 //     dA       += g_t h_{t-1} a_t dt_t         (summed over batch and tokens)
 //     ddelta_t  = d(dt_t) sigmoid(delta_t + delta_bias)     (softplus' derivative)
 // It walks chunks and segments last to first. For each segment it reloads the entering state that
-// the forward saved (prefetched one segment ahead), recomputes the segment's K states and decays
+// the forward saved (prefetched two segments ahead), recomputes the segment's K states and decays
 // a_t into registers (dividing by a_t instead would be unstable), then runs the reverse steps over
-// them. The two row sums of a reverse step (sum_n g B and d(dt)) share one pair of shuffles.
+// them. The two sums over states of a reverse step (sum_n g B and d(dt)) take one shuffle, over a
+// pair of lanes; the output phase adds the two pairs' shares.
 // Reductions are deterministic: dB, dC are summed over a block's channels by fixed-order warp
 // shuffles and shared memory, then written as per-block partials; dA, dD, ddelta_bias are written
 // per (b, d); a second small kernel (scan_bwd_finish_kernel) sums the partials in a fixed order
-// and writes the final gradients (dB, dC in the inputs' dtype). No atomics.
+// (a block of 256 threads per 32 dA, dD, ddelta_bias elements; those blocks run first) and writes
+// the final gradients (dB, dC in the inputs' dtype). No atomics.
 //
 // The file includes no PyTorch header, so that it builds in seconds: scan.py allocates every
 // buffer with torch and passes raw pointers and the current stream through ctypes to the
@@ -63,6 +73,9 @@ constexpr int kMaxWarps = 8;
 constexpr int kRowsPerWarp = 32 / kSplit;  // 8 rows per warp; a thread stages 8 rows per tensor
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
+
+template <int NMAX>  // loads per thread and state tensor that cover NMAX states with >= kMinWarps warps
+constexpr int kStateLoads = (NMAX + kMinWarps - 1) / kMinWarps;
 
 template <int NMAX>  // tokens per segment: the backward keeps 2 K NT floats of a segment per lane
 constexpr int kSegLen = NMAX <= 8 ? 8 : 4;
@@ -120,19 +133,11 @@ struct ScanShape {
   bool softplus;
 };
 
-// Sum x over the kSplit lanes that own one row; every one of them gets the same bits.
-__device__ __forceinline__ float row_sum(float x) {
-#pragma unroll
-  for (int offset = 1; offset < kSplit; offset *= 2) x += __shfl_xor_sync(0xffffffffu, x, offset);
-  return x;
-}
-
-// Sums of two values over the kSplit lanes of a row with one pair of shuffles: afterwards lanes
-// with an even part hold the sum of p, lanes with an odd part the sum of q.
-__device__ __forceinline__ float row_sum_pair(float p, float q, int part) {
+// Sums of two values over a pair of lanes (parts 2 i, 2 i + 1) with one shuffle: afterwards the
+// even part holds the pair's sum of p, the odd part the pair's sum of q.
+__device__ __forceinline__ float pair_sum(float p, float q, int part) {
   const bool odd = part & 1;
-  float v = (odd ? q : p) + __shfl_xor_sync(0xffffffffu, odd ? p : q, 1);
-  return v + __shfl_xor_sync(0xffffffffu, v, 2);
+  return (odd ? q : p) + __shfl_xor_sync(0xffffffffu, odd ? p : q, 1);
 }
 
 // The block's view of one batch row: the rows (channels d0 + r) this thread stages, and how. A
@@ -172,53 +177,59 @@ struct Tile {
     }
   }
 
-  // Stage tokens [t0, t0 + 32) of S state tensors (b, n, l) (pointers at (b, 0, 0)) into S
-  // consecutive tiles [kChunk][NMAX] at dst: tile row q = s * NMAX + n is loaded by warp
-  // q % warps, one token per lane. States past nstate read 0 (their A, B, C must be 0), tokens
-  // past l the clamped address's value.
+  // Load token t0 + lane of S state tensors (b, n, l) (pointers at (b, 0, 0)) as float: v[s][i] is
+  // state n = warp + i * warps of tensor s (the warps share the NMAX states). States past nstate
+  // read 0 (their A, B, C must be 0), tokens past l the clamped address's value.
   template <typename T, int NMAX, int S>
-  __device__ __forceinline__ void stage_states(const T* const (&src)[S], float* dst, int nstate, int t0) const {
-    constexpr int kIters = (S * NMAX + kMinWarps - 1) / kMinWarps;
+  __device__ __forceinline__ void load_states(const T* const (&src)[S], int nstate, int t0,
+                                              float (&v)[S][kStateLoads<NMAX>]) const {
     const unsigned tc = min(t0 + lane, len - 1);
-    float v[kIters];
 #pragma unroll
-    for (int i = 0; i < kIters; ++i) {
-      const int q = warp + i * warps, s = q / NMAX, n = q % NMAX;
-      const bool ok = q < S * NMAX && n < nstate;
-      const T* from = src[0];
+    for (int i = 0; i < kStateLoads<NMAX>; ++i) {
+      const int n = warp + i * warps;
+      const bool ok = n < nstate;
+      const unsigned off = (ok ? (unsigned)n * len : 0u) + tc;
 #pragma unroll
-      for (int a = 1; a < S; ++a) from = s == a ? src[a] : from;
-      const float x = to_float(__ldg(from + (ok ? (unsigned)n * len : 0u) + tc));
-      v[i] = ok ? x : 0.f;
+      for (int s = 0; s < S; ++s) {
+        const float x = to_float(__ldg(src[s] + off));
+        v[s][i] = ok ? x : 0.f;
+      }
     }
+  }
+
+  // Store what load_states loaded into S consecutive tiles [kChunk][NMAX] at dst.
+  template <int NMAX, int S>
+  __device__ __forceinline__ void store_states(const float (&v)[S][kStateLoads<NMAX>], float* dst) const {
 #pragma unroll
-    for (int i = 0; i < kIters; ++i) {
-      const int q = warp + i * warps;
-      if (q < S * NMAX) dst[((q / NMAX) * kChunk + lane) * NMAX + q % NMAX] = v[i];
+    for (int i = 0; i < kStateLoads<NMAX>; ++i) {
+      const int n = warp + i * warps;
+#pragma unroll
+      for (int s = 0; s < S; ++s)
+        if (n < NMAX) dst[(s * kChunk + lane) * NMAX + n] = v[s][i];
     }
   }
 
   // Write tokens [t0, t0 + 32) of this thread's real rows of W tensors dst (b, d, l) (pointers at
-  // (b, d0, 0)) from a [rows][kRowPad] tile of records of W floats (field a goes to dst[a]).
+  // (b, d0, 0)) from the [rows][kRowPad] records s, which hold the kSplit lanes' partial results of
+  // each (row, token): W = 1 writes their sum, W = 2 the sums of fields (0, 2) and (1, 3).
   template <typename T, int W>
-  __device__ __forceinline__ void store_rows(T* const (&dst)[W], const float* s, int t0) const {
+  __device__ __forceinline__ void store_rows(T* const (&dst)[W], const float4* s, int t0) const {
+    static_assert(W == 1 || W == 2, "one or two outputs per record");
     const int t = t0 + lane;
     if (t >= len) return;
-    const float* rec = s + (warp * kRowPad + lane) * W;  // record of row warp + j * warps
-    const int rec_step = warps * kRowPad * W;
+    const float4* rec = s + warp * kRowPad + lane;  // record of row warp + j * warps
+    const int rec_step = warps * kRowPad;
     unsigned off = tok_base + t;
 #pragma unroll
     for (int j = 0; j < kRowsPerWarp; ++j, rec += rec_step, off += row_step) {
       if (j >= nvalid) break;
-      float v[W];
-      if constexpr (W == 2) {
-        const float2 x = *reinterpret_cast<const float2*>(rec);
-        v[0] = x.x; v[1] = x.y;
+      const float4 x = *rec;
+      if constexpr (W == 1) {
+        dst[0][off] = from_float<T>((x.x + x.y) + (x.z + x.w));
       } else {
-        v[0] = *rec;
+        dst[0][off] = from_float<T>(x.x + x.z);
+        dst[1][off] = from_float<T>(x.y + x.w);
       }
-#pragma unroll
-      for (int a = 0; a < W; ++a) dst[a][off] = from_float<T>(v[a]);
     }
   }
 };
@@ -237,13 +248,13 @@ __device__ __forceinline__ void read_states(const float* s, int c, int part, flo
   }
 }
 
-template <int NT>
+template <int NT>  // from global memory (read-only)
 __device__ __forceinline__ void load_state(const float* p, float (&h)[NT]) {
   if constexpr (NT == 2) {
-    const float2 v = *reinterpret_cast<const float2*>(p);
+    const float2 v = __ldg(reinterpret_cast<const float2*>(p));
     h[0] = v.x; h[1] = v.y;
   } else {
-    const float4 v = *reinterpret_cast<const float4*>(p);
+    const float4 v = __ldg(reinterpret_cast<const float4*>(p));
     h[0] = v.x; h[1] = v.y; h[2] = v.z; h[3] = v.w;
   }
 }
@@ -302,11 +313,10 @@ scan_fwd_kernel(const T* __restrict__ u, const T* __restrict__ delta, const floa
   constexpr int NT = NMAX / kSplit, K = kSegLen<NMAX>;
   extern __shared__ float4 smem_f4[];
   const int rows = blockDim.x / kSplit;
-  float4* s_x = smem_f4;                                          // [rows][kRowPad]: (dt, dt u, D u, 0)
+  float4* s_x = smem_f4;  // [rows][kRowPad]: (dt, dt u, D u, 0), then the 4 lanes' partial y
   float* s_B = reinterpret_cast<float*>(s_x + rows * kRowPad);    // [kChunk][NMAX]
   float* s_C = s_B + kChunk * NMAX;                               // [kChunk][NMAX]
-  float* s_y = s_C + kChunk * NMAX;                               // [rows][kRowPad]
-  float2* s_par = reinterpret_cast<float2*>(s_y + rows * kRowPad);  // [rows]: (delta_bias, D)
+  float2* s_par = reinterpret_cast<float2*>(s_C + kChunk * NMAX);  // [rows]: (delta_bias, D)
 
   const int b = blockIdx.x, d0 = blockIdx.y * rows, row = threadIdx.x / kSplit, part = threadIdx.x % kSplit;
   const int d = d0 + row, valid_rows = min(rows, p.dim - d0);
@@ -327,30 +337,36 @@ scan_fwd_kernel(const T* __restrict__ u, const T* __restrict__ delta, const floa
   const int n_seg = (p.len + K - 1) / K;
   float* my_seg_state =
       seg_state == nullptr ? nullptr : seg_state + ((int64_t)b * p.dim + d) * n_seg * NMAX + part * NT;
-  const float4* my_x = s_x + row * kRowPad;
-  float* my_y = s_y + row * kRowPad;
+  float4* my_x = s_x + row * kRowPad;
   float h[NT];
 #pragma unroll
   for (int i = 0; i < NT; ++i) h[i] = 0.f;
+  // A chunk's inputs are loaded into registers one chunk ahead: their latency hides behind the
+  // token loop of the chunk before.
+  float v[2][kRowsPerWarp], bc[2][kStateLoads<NMAX>];  // u, delta; B, C
+  tile.load_rows<T, 2, 0u>({u_b, delta_b}, 0, v);
+  tile.load_states<T, NMAX, 2>({B_b, C_b}, p.nstate, 0, bc);
   __syncthreads();  // s_par
 
   for (int t0 = 0; t0 < p.len; t0 += kChunk) {
-    {
-      float v[2][kRowsPerWarp];
-      tile.load_rows<T, 2, 0u>({u_b, delta_b}, t0, v);
-      tile.stage_states<T, NMAX, 2>({B_b, C_b}, s_B, p.nstate, t0);
+    tile.store_states<NMAX, 2>(bc, s_B);
 #pragma unroll
-      for (int j = 0; j < kRowsPerWarp; ++j) {
-        const int r = tile.warp + j * tile.warps;
-        const float2 par = s_par[r];
-        const float x = v[1][j] + par.x;
-        const float dt = p.softplus ? Softplus(x).value : x;
-        s_x[r * kRowPad + tile.lane] = make_float4(dt, dt * v[0][j], par.y * v[0][j], 0.f);
-      }
+    for (int j = 0; j < kRowsPerWarp; ++j) {
+      const int r = tile.warp + j * tile.warps;
+      const float2 par = s_par[r];
+      const float x = v[1][j] + par.x;
+      const float dt = p.softplus ? Softplus(x).value : x;
+      s_x[r * kRowPad + tile.lane] = make_float4(dt, dt * v[0][j], par.y * v[0][j], 0.f);
+    }
+    if (t0 + kChunk < p.len) {
+      tile.load_rows<T, 2, 0u>({u_b, delta_b}, t0 + kChunk, v);
+      tile.load_states<T, NMAX, 2>({B_b, C_b}, p.nstate, t0 + kChunk, bc);
     }
     __syncthreads();
-    // Tokens past l read u = B = C = 0; their y is never stored, and h is not used after the last
-    // chunk (nor saved: their segments do not exist).
+    // Tokens past l read finite u, B, C; their y is never stored, and h is not used after the last
+    // chunk (nor saved: their segments do not exist). Each lane sums C h over its own states only
+    // (part 2 adds D u) and, once all four lanes of its row have read the token's record, writes
+    // that partial y over field `part` of it; the store phase adds the four.
     const int len = min(kChunk, p.len - t0);
     for (int k0 = 0; k0 < len; k0 += K) {
       if (my_seg_state != nullptr && active) store_state<NT>(my_seg_state + ((t0 + k0) / K) * NMAX, h);
@@ -361,23 +377,23 @@ scan_fwd_kernel(const T* __restrict__ u, const T* __restrict__ delta, const floa
         float B_k[NT], C_k[NT];
         read_states<NMAX, NT>(s_B, k, part, B_k);
         read_states<NMAX, NT>(s_C, k, part, C_k);
-        float y_part = 0.f;
+        float y_part = part == 2 ? x.z : 0.f;
 #pragma unroll
         for (int i = 0; i < NT; ++i) {
           h[i] = exp2_approx(x.x * A2[i]) * h[i] + x.y * B_k[i];
           y_part += C_k[i] * h[i];
         }
-        const float y_k = row_sum(y_part) + x.z;
-        if (part == 0) my_y[k] = y_k;
+        __syncwarp();
+        reinterpret_cast<float*>(my_x + k)[part] = y_part;
       }
     }
-    __syncthreads();  // s_y complete; s_x, s_B, s_C free for the next chunk
-    tile.store_rows<T, 1>({y_b}, s_y, t0);
+    __syncthreads();  // partial y complete; s_B, s_C free for the next chunk
+    tile.store_rows<T, 1>({y_b}, s_x, t0);  // then the same thread stages the next chunk's records
   }
 }
 
 template <typename T, int NMAX>
-__global__ void __launch_bounds__(kMaxWarps * 32, NMAX <= 8 ? 3 : 2)
+__global__ void __launch_bounds__(kMaxWarps * 32, NMAX <= 8 ? 4 : 2)  // 64 / 128 registers, no spills
 scan_bwd_kernel(const T* __restrict__ u, const T* __restrict__ delta, const float* __restrict__ A,
                 const T* __restrict__ Bs, const T* __restrict__ Cs, const float* __restrict__ Dskip,
                 const float* __restrict__ delta_bias, const float* __restrict__ seg_state,  // from the forward
@@ -389,11 +405,10 @@ scan_bwd_kernel(const T* __restrict__ u, const T* __restrict__ delta, const floa
   constexpr int M = 2 * NT;  // values per lane and token summed over channels: dB, dC of its states
   extern __shared__ float4 smem_f4[];
   const int rows = blockDim.x / kSplit, warps = blockDim.x / 32;
-  float4* s_x = smem_f4;                                            // [rows][kRowPad]: (u, dt, dy, sigmoid)
+  float4* s_x = smem_f4;  // [rows][kRowPad]: (u, dt, dy, sigmoid), then partial (du, ddelta, du, ddelta)
   float* s_B = reinterpret_cast<float*>(s_x + rows * kRowPad);      // [kChunk][NMAX]
   float* s_C = s_B + kChunk * NMAX;                                 // [kChunk][NMAX]
-  float2* s_out = reinterpret_cast<float2*>(s_C + kChunk * NMAX);   // [rows][kRowPad]: (du, ddelta)
-  float* s_red = reinterpret_cast<float*>(s_out + rows * kRowPad);  // [kMaxWarps][2 NMAX][kChunk]: dB, dC sums
+  float* s_red = s_C + kChunk * NMAX;  // [kMaxWarps][2 NMAX][kChunk]: dB, dC sums
   float2* s_par = reinterpret_cast<float2*>(s_red + kMaxWarps * 2 * NMAX * kChunk);  // [rows]: (delta_bias, D)
 
   const int b = blockIdx.x, d0 = blockIdx.y * rows, row = threadIdx.x / kSplit, part = threadIdx.x % kSplit;
@@ -410,33 +425,61 @@ scan_bwd_kernel(const T* __restrict__ u, const T* __restrict__ delta, const floa
     const int n = part * NT + i;
     A2[i] = (active && n < p.nstate) ? A[d * p.nstate + n] * kLog2e : 0.f;
   }
-  const float D_d = active ? Dskip[d] : 0.f;
+  const float D_du = (active && part == 0) ? Dskip[d] : 0.f;  // D dy enters du once per row
   const int64_t rows_off = ((int64_t)b * p.dim + d0) * p.len;  // (b, d0, 0)
   const int64_t bc_off = (int64_t)b * p.nstate * p.len;          // (b, 0, 0)
   const T *u_b = opaque(u + rows_off), *delta_b = opaque(delta + rows_off), *dy_b = opaque(dy + rows_off);
   const T *B_b = opaque(Bs + bc_off), *C_b = opaque(Cs + bc_off);
   T *du_b = opaque(du + rows_off), *ddelta_b = opaque(ddelta + rows_off);
   const int n_seg = (p.len + K - 1) / K;
-  // Rows past the channel count read row d0's states: their u = dy = 0 makes every term 0.
-  const float* my_seg_state = seg_state + ((int64_t)b * p.dim + (active ? d : d0)) * n_seg * NMAX + part * NT;
-  const float4* my_x = s_x + row * kRowPad;
-  float* my_out = reinterpret_cast<float*>(s_out + row * kRowPad) + part;  // parts 0, 1: du, ddelta
+  // This lane's segment states: a block-wide base and a 32-bit offset (fewer live registers than a
+  // per-thread pointer). Rows past the channel count read row d0's: their u = dy = 0 zero every term.
+  const float* seg_state_b = seg_state + ((int64_t)b * p.dim + d0) * n_seg * NMAX;  // (b, d0, 0, 0)
+  const unsigned my_seg_off = (active ? row : 0) * n_seg * NMAX + part * NT;
+  const auto my_seg_state = [&](int seg) { return seg_state_b + (my_seg_off + seg * NMAX); };
+  float4* my_x = s_x + row * kRowPad;
   __syncthreads();  // s_par, s_red
 
   float carry[NT];   // a_{t+1} g_{t+1}: the gradient reaching h_t through h_{t+1}
   float dA_acc[NT];
-  float next_state[NT];  // the entering state of the next segment to visit (prefetched)
+  // The entering states of the next two segments to visit, prefetched two segments ahead: the
+  // compiler issues a load at the end of the segment loop's body, so one segment ahead would leave
+  // its latency exposed at the next segment's first step.
+  float next_state[NT], next_state2[NT];
 #pragma unroll
   for (int i = 0; i < NT; ++i) carry[i] = dA_acc[i] = 0.f;
-  load_state<NT>(my_seg_state + (n_seg - 1) * NMAX, next_state);
+  load_state<NT>(my_seg_state(n_seg - 1), next_state);
+  load_state<NT>(my_seg_state(max(n_seg - 2, 0)), next_state2);
   float dD_acc = 0.f, dbias_acc = 0.f;
   const int n_chunks = (p.len + kChunk - 1) / kChunk;
+  // Writes chunk t0's du, ddelta (from the records) and its dB, dC partials: the warps' sums in
+  // s_red added in a fixed order; warp w writes rows m = w, w + warps, ... of the [2 NMAX][l] slab,
+  // one token per lane.
+  auto flush = [&](int t0) {
+    tile.store_rows<T, 2>({du_b, ddelta_b}, s_x, t0);
+    float* out = dBC_part + ((int64_t)blockIdx.y * p.batch + b) * 2 * NMAX * p.len + t0 + lane;
+#pragma unroll
+    for (int q = 0; q < (2 * NMAX + kMinWarps - 1) / kMinWarps; ++q) {
+      const int m = warp + q * warps;
+      if (m < 2 * NMAX && t0 + lane < p.len) {
+        float sum = 0.f;
+#pragma unroll
+        for (int w = 0; w < kMaxWarps; ++w) sum += s_red[(w * 2 * NMAX + m) * kChunk + lane];  // absent warps: 0
+        out[m * p.len] = sum;
+      }
+    }
+  };
   for (int chunk = n_chunks - 1; chunk >= 0; --chunk) {
     const int t0 = chunk * kChunk, len = min(kChunk, p.len - t0);
     {
-      float v[3][kRowsPerWarp];
+      // The chunk's loads fly while the chunk after it (done before) writes its outputs.
+      float v[3][kRowsPerWarp], bc[2][kStateLoads<NMAX>];
       tile.load_rows<T, 3, 0b101u>({u_b, delta_b, dy_b}, t0, v);
-      tile.stage_states<T, NMAX, 2>({B_b, C_b}, s_B, p.nstate, t0);
+      tile.load_states<T, NMAX, 2>({B_b, C_b}, p.nstate, t0, bc);
+      if (chunk < n_chunks - 1) flush(t0 + kChunk);
+      // Then the chunk's staging overwrites the records this thread has just written out and
+      // s_B, s_C (read before the last barrier); s_red is written after the barrier below.
+      tile.store_states<NMAX, 2>(bc, s_B);
 #pragma unroll
       for (int j = 0; j < kRowsPerWarp; ++j) {
         const int r = tile.warp + j * tile.warps;
@@ -453,8 +496,11 @@ scan_bwd_kernel(const T* __restrict__ u, const T* __restrict__ delta, const floa
       // a[j] = exp(dt A) at token k0 + j.
       float hist[K + 1][NT], a[K][NT];
 #pragma unroll
-      for (int i = 0; i < NT; ++i) hist[0][i] = next_state[i];
-      if (seg > 0) load_state<NT>(my_seg_state + (seg - 1) * NMAX, next_state);
+      for (int i = 0; i < NT; ++i) {
+        hist[0][i] = next_state[i];
+        next_state[i] = next_state2[i];
+      }
+      load_state<NT>(my_seg_state(max(seg - 2, 0)), next_state2);
 #pragma unroll
       for (int j = 0; j < K; ++j) {
         const float4 x = my_x[k0 + j];
@@ -490,12 +536,14 @@ scan_bwd_kernel(const T* __restrict__ u, const T* __restrict__ delta, const floa
           red[i] = g * dtu;                           // dB_t of state part * NT + i
           red[NT + i] = dy_k * hist[j + 1][i];        // dC_t of state part * NT + i
         }
-        // Even parts get sum_n g B, odd parts d(dt) = u sum_n g B + ln 2 sum_n g h a A2.
-        const float sum = row_sum_pair(gB, u_k * gB + kLn2 * gaA2, part);
-        const float out = (part & 1) ? sum * x.w : dt * sum + D_d * dy_k;  // ddelta (odd), du (even)
+        // Over the pair of lanes: even parts get sum g B, odd parts u sum g B + ln 2 sum g h a A2
+        // (d(dt)), each over the pair's states; the pairs' du and ddelta shares go to the record.
+        const float sum = pair_sum(gB, u_k * gB + kLn2 * gaA2, part);
+        const float out = (part & 1) ? sum * x.w : dt * sum + D_du * dy_k;  // ddelta (odd), du (even)
         dD_acc += dy_k * u_k;
-        dbias_acc += out;  // the ddelta sum in odd parts
-        if (part < 2) my_out[2 * k] = out;
+        dbias_acc += out;  // a share of the ddelta sum in odd parts
+        __syncwarp();  // all four lanes of the row have read record k
+        reinterpret_cast<float*>(my_x + k)[part] = out;
         warp_sum_over_channels<M>(red, lane);
         constexpr int kLog2M = M == 2 ? 1 : (M == 4 ? 2 : 3);
         const int idx = (lane >> (5 - kLog2M)) % M;  // which of this part's values lane holds
@@ -506,23 +554,9 @@ scan_bwd_kernel(const T* __restrict__ u, const T* __restrict__ delta, const floa
       }
     }
     __syncthreads();
-    tile.store_rows<T, 2>({du_b, ddelta_b}, reinterpret_cast<const float*>(s_out), t0);
-    // dB, dC of the chunk: sum the warps' partials in a fixed order; warp w writes rows m = w,
-    // w + warps, ... of the [2 NMAX][l] slab, one token per lane.
-    float* out = dBC_part + ((int64_t)blockIdx.y * p.batch + b) * 2 * NMAX * p.len + t0 + lane;
-#pragma unroll
-    for (int q = 0; q < (2 * NMAX + kMinWarps - 1) / kMinWarps; ++q) {
-      const int m = warp + q * warps;
-      if (m < 2 * NMAX && lane < len) {
-        float sum = 0.f;
-#pragma unroll
-        for (int w = 0; w < kMaxWarps; ++w) sum += s_red[(w * 2 * NMAX + m) * kChunk + lane];  // absent warps: 0
-        out[m * p.len] = sum;
-      }
-    }
-    // The next chunk's loads overwrite s_x, s_B, s_C only (read before the barrier above); s_out
-    // and s_red are written after the barrier that follows them.
   }
+  flush(0);
+  dbias_acc += __shfl_xor_sync(0xffffffffu, dbias_acc, 2);  // parts 1 and 3
   if (active) {
     float* out = dADb_part + ((int64_t)b * p.dim + d) * (NMAX + 2);
 #pragma unroll
@@ -532,36 +566,57 @@ scan_bwd_kernel(const T* __restrict__ u, const T* __restrict__ delta, const floa
   }
 }
 
-// The backward's last step, one launch: sums the partials in a fixed order into the final
-// gradients. Blocks [0, bc_blocks): one thread per element of dB, dC (b, n, l), summing the
-// channel blocks' dBC_part; the other blocks: one thread per (d, k) of dA (k < n), dD (k = n) and
-// ddelta_bias (k = n + 1), summing dADb_part over the batch.
+// The backward's last step, one launch of kFinishThreads-thread blocks: sums the partials in a
+// fixed order into the final gradients. The first adb_blocks blocks (scheduled first, so that their
+// longer sums do not form the tail) sum dADb_part over the batch: column j of the per-batch-row
+// slab [d][NMAX + 2] is (d, k): dA (k < n), dD (k = NMAX), ddelta_bias (k = NMAX + 1). A block owns
+// 32 columns, one per lane; warp w sums batch rows w, w + 8, ... (16 loads in flight per round),
+// then warp 0 adds the 8 warps' sums in order. The other blocks: one thread per element (m, t) of
+// one batch row's dB, dC, summing the channel blocks' dBC_part.
+constexpr int kFinishWarps = 8, kFinishThreads = kFinishWarps * 32, kFinishLoads = 16;
+
 template <typename T, int NMAX>
-__global__ void __launch_bounds__(256)
+__global__ void __launch_bounds__(kFinishThreads)
 scan_bwd_finish_kernel(const float* __restrict__ dBC_part, const float* __restrict__ dADb_part,
                        T* __restrict__ dB, T* __restrict__ dC, float* __restrict__ dA, float* __restrict__ dD,
-                       float* __restrict__ ddelta_bias, ScanShape p, int channel_blocks, int bc_blocks) {
-  const int n = p.nstate;
-  if ((int)blockIdx.x < bc_blocks) {
-    const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;  // (b, m, t), m < 2 n
-    if (i >= (int64_t)p.batch * 2 * n * p.len) return;
-    const int t = i % p.len, m = (i / p.len) % (2 * n), b = i / ((int64_t)p.len * 2 * n);
+                       float* __restrict__ ddelta_bias, ScanShape p, int channel_blocks, int adb_blocks) {
+  const int n = p.nstate, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  if ((int)blockIdx.x < adb_blocks) {
+    __shared__ float s_sum[kFinishWarps][32];
+    const int cols = p.dim * (NMAX + 2), j = blockIdx.x * 32 + lane;  // column (d, k)
+    const float* src = dADb_part + min(j, cols - 1);
+    float sum = 0.f;
+    for (int b0 = warp; b0 < p.batch; b0 += kFinishWarps * kFinishLoads) {
+      float v[kFinishLoads];
+#pragma unroll
+      for (int i = 0; i < kFinishLoads; ++i) {
+        const int b = b0 + i * kFinishWarps;
+        v[i] = b < p.batch ? src[(int64_t)b * cols] : 0.f;
+      }
+#pragma unroll
+      for (int i = 0; i < kFinishLoads; ++i) sum += v[i];
+    }
+    s_sum[warp][lane] = sum;
+    __syncthreads();
+    if (warp != 0 || j >= cols) return;
+#pragma unroll
+    for (int w = 1; w < kFinishWarps; ++w) sum += s_sum[w][lane];
+    const int d = j / (NMAX + 2), k = j % (NMAX + 2);
+    if (k < n) dA[d * n + k] = sum;
+    else if (k == NMAX) dD[d] = sum;
+    else if (k == NMAX + 1) ddelta_bias[d] = sum;
+  } else {
+    const int per_row = 2 * n * p.len, row_blocks = (per_row + kFinishThreads - 1) / kFinishThreads;
+    const int q = blockIdx.x - adb_blocks, b = q / row_blocks;
+    const int i = (q - b * row_blocks) * kFinishThreads + threadIdx.x;  // (m, t), m < 2 n
+    if (i >= per_row) return;
+    const int m = i / p.len, t = i - m * p.len;
     const int row = m < n ? m : NMAX + m - n;  // dB rows 0.., dC rows NMAX.. of the partials
     const float* src = dBC_part + ((int64_t)b * 2 * NMAX + row) * p.len + t;
     const int64_t part_step = (int64_t)p.batch * 2 * NMAX * p.len;
     float sum = 0.f;
     for (int k = 0; k < channel_blocks; ++k) sum += src[k * part_step];
     (m < n ? dB : dC)[((int64_t)b * n + m % n) * p.len + t] = from_float<T>(sum);
-  } else {
-    const int j = (blockIdx.x - bc_blocks) * blockDim.x + threadIdx.x;  // (d, k), k < n + 2
-    if (j >= p.dim * (n + 2)) return;
-    const int d = j / (n + 2), k = j % (n + 2);
-    const float* src = dADb_part + (int64_t)d * (NMAX + 2) + (k < n ? k : NMAX + k - n);
-    float sum = 0.f;
-#pragma unroll 16
-    for (int b = 0; b < p.batch; ++b) sum += src[(int64_t)b * p.dim * (NMAX + 2)];
-    if (k < n) dA[d * n + k] = sum;
-    else (k == n ? dD : ddelta_bias)[d] = sum;
   }
 }
 
@@ -577,11 +632,11 @@ dim3 block_grid(int batch, int dim, int* threads) {
 
 size_t fwd_smem(int threads, int nmax) {
   const int rows = threads / kSplit;
-  return sizeof(float4) * rows * kRowPad + sizeof(float) * (2 * kChunk * nmax + rows * kRowPad) + sizeof(float2) * rows;
+  return sizeof(float4) * rows * kRowPad + sizeof(float) * 2 * kChunk * nmax + sizeof(float2) * rows;
 }
 size_t bwd_smem(int threads, int nmax) {
   const int rows = threads / kSplit;
-  return sizeof(float4) * rows * kRowPad + sizeof(float) * 2 * kChunk * nmax + sizeof(float2) * rows * kRowPad +
+  return sizeof(float4) * rows * kRowPad + sizeof(float) * 2 * kChunk * nmax +
          sizeof(float) * kMaxWarps * 2 * nmax * kChunk + sizeof(float2) * rows;
 }
 
@@ -617,11 +672,13 @@ int launch_bwd(const ScanShape& p, const void* u, const void* delta, const float
       static_cast<T*>(ddelta), dBC_part, dADb_part, p);
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  const int64_t bc_elems = (int64_t)p.batch * 2 * p.nstate * p.len;
-  const int bc_blocks = (int)((bc_elems + 255) / 256), adb_blocks = (p.dim * (p.nstate + 2) + 255) / 256;
+  const int adb_blocks = (p.dim * (NMAX + 2) + 31) / 32;
+  const int64_t bc_blocks = p.batch * (int64_t)((2 * p.nstate * p.len + kFinishThreads - 1) / kFinishThreads);
+  if (adb_blocks + bc_blocks > 2147483647) return -1;
   auto finish = scan_bwd_finish_kernel<T, NMAX>;
-  finish<<<bc_blocks + adb_blocks, 256, 0, stream>>>(dBC_part, dADb_part, static_cast<T*>(dB), static_cast<T*>(dC),
-                                                    dA, dD, ddelta_bias, p, (int)grid.y, bc_blocks);
+  finish<<<(unsigned)(adb_blocks + bc_blocks), kFinishThreads, 0, stream>>>(
+      dBC_part, dADb_part, static_cast<T*>(dB), static_cast<T*>(dC), dA, dD, ddelta_bias, p, (int)grid.y,
+      adb_blocks);
   return cudaGetLastError();
 }
 
@@ -641,9 +698,11 @@ int dispatch(int dtype, int nstate, F&& f) {
 }
 
 bool valid_shape(const ScanShape& p) {
-  // 32-bit offsets inside one batch row's (d, l) slab
+  // 32-bit offsets inside one batch row's (d, l) and (2 NMAX, l) slabs, one block's segment states
+  // (64 rows x 4 l) and the (d, NMAX + 2) partials
   return p.batch >= 1 && p.dim >= 1 && p.dim <= 65535 * kMaxWarps * 32 / kSplit && p.len >= 1 && p.nstate >= 1 &&
-         p.nstate <= 16 && (int64_t)p.dim * p.len < 2147483647;
+         p.nstate <= 16 && (int64_t)p.dim * p.len < 2147483647 && (int64_t)p.dim * 18 < 2147483647 &&
+         (int64_t)p.len * 128 < 2147483647;
 }
 
 }  // namespace

@@ -191,6 +191,18 @@ def test_kernel_odd_state_counts_and_no_softplus(monkeypatch, n):
 
 
 @cuda
+def test_kernel_batch_over_one_finish_round(monkeypatch):
+    """Batch 130: the finish kernel sums dA, dD, ddelta_bias over 128 batch rows per round."""
+    monkeypatch.setenv("MAMBAVISION_SCAN", "cuda")
+    inputs, dy = make_inputs(130, 20, 40, 8, device="cuda", seed=11)
+    want_y, want = ref_grads(inputs, dy)
+    y, grads = kernel_run(inputs, dy)
+    assert rel_err(y, want_y) < 2e-5
+    for name, g, w in zip(NAMES, grads, want):
+        assert rel_err(g, w) < 2e-5, name
+
+
+@cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kernel_is_deterministic(dtype):
     inputs, dy = make_inputs(16, 320, 196, 8, dtype=dtype, device="cuda", seed=7)
