@@ -809,20 +809,25 @@ def bench(args):
     with tempfile.TemporaryDirectory() as root:
         folder = os.path.join(root, "class0")
         os.makedirs(folder)
-        unique = [photo_like(rng, args.size[0], args.size[1]) for _ in range(16)]
-        for k in range(args.images):  # 16 distinct pictures, each saved under several names
-            Image.fromarray(unique[k % 16]).save(os.path.join(folder, f"{k:05d}.JPEG"), quality=args.quality)
+        unique = []
+        for _ in range(16):  # 16 distinct pictures, each written under several names
+            buffer = io.BytesIO()
+            Image.fromarray(photo_like(rng, args.size[0], args.size[1])).save(buffer, "JPEG", quality=args.quality)
+            unique.append(buffer.getvalue())
+        for k in range(args.images):
+            with open(os.path.join(folder, f"{k:05d}.JPEG"), "wb") as f:
+                f.write(unique[k % 16])
         kb = np.mean([os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder)]) / 1e3
         print(f"{args.images} JPEGs of {args.size[0]} x {args.size[1]} px, quality {args.quality}, "
               f"{kb:.0f} KB on average; training transform to {args.img_size} px (RandAugment "
               f"{'on' if args.randaugment else 'off'}{', run on the GPU' if args.gpu_randaugment else ''}, random "
               f"erasing 0.25) to uint8 pictures (normalising and the erase noise run on the GPU); torch threads 1")
         torch.set_num_threads(1)
-        for draft in (False, True):
+        for draft in args.draft:
             transform = TrainTransform(args.img_size, bool(args.randaugment), 0.25, draft=draft,
                                        gpu_randaugment=bool(args.gpu_randaugment))
             ds = ImageFolder(root, transform)
-            paths = [path for path, _ in ds.samples]
+            paths = [path for path, _ in ds.samples][:512]  # the one-process timings
 
             def decode_all():
                 reduced = 0
@@ -840,7 +845,7 @@ def bench(args):
                 return len(paths) / min(times)
 
             decode, reduced = best_rate(decode_all), decode_all()
-            whole = best_rate(lambda: [ds[(i, i)] for i in range(len(ds))])
+            whole = best_rate(lambda: [ds[(i, i)] for i in range(len(paths))])
             print(f"draft {'on ' if draft else 'off'}: one process: decode {decode:.0f} images/s "
                   f"({100 * reduced / len(paths):.0f}% at reduced scale), decode + transform {whole:.0f} "
                   f"images/s ({1000 / whole:.2f} ms an image)")
@@ -849,9 +854,11 @@ def bench(args):
                 loader = make_loader(ds, args.batch_size, sampler, workers, train=True)
                 for _ in loader:  # the first epoch starts the (persistent) workers; the second is timed
                     pass
-                t0, n = time.perf_counter(), 0
-                for (x, _, _), _ in loader:  # ((uint8 pictures, erase boxes, programs), labels)
-                    n += x.shape[0]
+                n, t0 = 0, None
+                for k, ((x, _, _), _) in enumerate(loader):  # ((uint8 pictures, erase boxes, programs), labels)
+                    n += x.shape[0] if t0 is not None else 0
+                    if k == workers - 1:  # every worker's first batch is in: the steady state starts
+                        t0 = time.perf_counter()
                 rate = n / (time.perf_counter() - t0)
                 print(f"draft {'on ' if draft else 'off'}: DataLoader, {workers} worker(s): {rate:.0f} "
                       f"images/s, {rate / workers:.0f} per worker")
@@ -895,14 +902,16 @@ def main():
                    help="leave RandAugment to the GPU (train.py --gpu-randaugment) and time it there")
     p.add_argument("--batch-size", type=int, default=32, help="loader batch size")
     p.add_argument("--repeat", type=int, default=3, help="passes per timing; the fastest counts")
+    p.add_argument("--draft", type=int, nargs="+", choices=(0, 1), default=[0, 1],
+                   help="JPEG draft mode settings to time (0 off, 1 on)")
     args = p.parse_args()
     if args.write_dataset:
         make_photo_dataset(args.write_dataset, args.images, args.images // 10, size=args.size, quality=args.quality)
         return print(f"wrote {args.images} + {args.images // 10} JPEGs to {args.write_dataset}")
     if not args.bench:
         p.error("nothing to do: pass --bench or --write-dataset DIR")
-    if min(args.workers) < 1 or args.images < 2 * args.batch_size:
-        p.error("--workers must be >= 1 and --images at least 2 x --batch-size")
+    if min(args.workers) < 1 or args.images < (max(args.workers) + 2) * args.batch_size:
+        p.error("--workers must be >= 1 and --images at least (max --workers + 2) x --batch-size")
     bench(args)
 
 

@@ -364,8 +364,8 @@ def test_loader_is_independent_of_worker_count(tmp_path):
 
 
 def test_loader_benchmark_runs(capsys):
-    args = SimpleNamespace(images=32, size=[96, 72], quality=90, img_size=32, randaugment=1, gpu_randaugment=0, workers=[1],
-                           batch_size=8, repeat=1)
+    args = SimpleNamespace(images=32, size=[96, 72], quality=90, img_size=32, randaugment=1, gpu_randaugment=0,
+                           workers=[1], batch_size=8, repeat=1, draft=[0, 1])
     data.bench(args)
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("32 JPEGs of 96 x 72 px") and len(out) == 5
