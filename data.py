@@ -261,8 +261,8 @@ def random_crop_box(w, h, rng, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
 # --gpu-randaugment). The GPU path uses Pillow's own arithmetic: the same lookup tables, blends (in
 # float32, truncated) and affine resampling (pixel-centre mapping, Pillow's a = -1 bicubic, edge
 # clamping, fill outside), so both give the same pictures (test_data.py checks it, op by op). It takes
-# about a quarter of a loader worker's time off the CPU, and costs the GPU a few hundred small kernel
-# launches a step: worth it only where the CPU cores cannot keep up with the GPU (BENCHMARKS.md).
+# about a quarter of a loader worker's time off the CPU and costs the GPU about 5 ms a training step
+# of T at batch 128: worth it only where the CPU cores cannot keep up with the GPU (BENCHMARKS.md).
 MAX_MAGNITUDE = 10.0
 FILL = tuple(round(255 * m) for m in IMAGENET_MEAN)
 RANDAUGMENT_OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasing", "SolarizeIncreasing",
