@@ -26,7 +26,9 @@
 // record, each writes its partial result over one field of it (forward: its share of y; backward:
 // its pair's shares of du and ddelta), and the phase that writes the chunk's outputs adds them.
 // For n <= 8 both kernels fit 64 registers, so that 4 blocks of 8 warps share an SM (B stage 3's
-// 512 blocks run in one wave).
+// 512 blocks run in one wave). Where the grid fits one wave at 3 blocks per SM (T stage 3), the
+// backward runs an 80-register instance whose lanes write their results for 2 tokens at a time,
+// after both tokens' reads, so that the two steps (shared-memory loads, shuffle chains) overlap.
 //
 // Forward (scan_fwd_kernel): one pass. When gradients will be needed (scan.py's training op), it
 // also writes the state entering every segment, seg_state[b][d][seg][NMAX] (float32: 4 bytes per
@@ -67,6 +69,7 @@ namespace {
 
 constexpr int kChunk = 32;           // tokens staged in shared memory per pass (one per lane)
 constexpr int kRowPad = kChunk + 1;  // padded row stride of the staged tiles: no bank conflicts
+constexpr int kRedPad = kChunk + 4;  // row stride of the dB, dC sums: 16-byte stores without conflicts
 constexpr int kSplit = 4;            // lanes per (b, d) row, each with NMAX / kSplit states
 constexpr int kMinWarps = 4;         // 16..64 channels per block
 constexpr int kMaxWarps = 8;
@@ -392,8 +395,13 @@ scan_fwd_kernel(const T* __restrict__ u, const T* __restrict__ delta, const floa
   }
 }
 
-template <typename T, int NMAX>
-__global__ void __launch_bounds__(kMaxWarps * 32, NMAX <= 8 ? 4 : 2)  // 64 / 128 registers, no spills
+// MIN_BLOCKS per SM: 2 for n > 8 (128 registers); for n <= 8, 3 (80 registers) where the grid fits
+// one wave at 3 blocks per SM (T stage 3: 384 blocks, 396 slots), else 4 (64 registers, 55 KB of
+// shared memory for 8 warps: B stage 3's 512 blocks in one wave). G: tokens per group of reverse
+// steps whose shared-memory writes wait for the group's end (the steps of a group overlap); 64
+// registers only fit G = 1. No spills.
+template <typename T, int NMAX, int MIN_BLOCKS>
+__global__ void __launch_bounds__(kMaxWarps * 32, MIN_BLOCKS)
 scan_bwd_kernel(const T* __restrict__ u, const T* __restrict__ delta, const float* __restrict__ A,
                 const T* __restrict__ Bs, const T* __restrict__ Cs, const float* __restrict__ Dskip,
                 const float* __restrict__ delta_bias, const float* __restrict__ seg_state,  // from the forward
@@ -403,13 +411,14 @@ scan_bwd_kernel(const T* __restrict__ u, const T* __restrict__ delta, const floa
                 ScanShape p) {
   constexpr int NT = NMAX / kSplit, K = kSegLen<NMAX>;
   constexpr int M = 2 * NT;  // values per lane and token summed over channels: dB, dC of its states
+  constexpr int G = MIN_BLOCKS >= 4 ? 1 : 2;
   extern __shared__ float4 smem_f4[];
   const int rows = blockDim.x / kSplit, warps = blockDim.x / 32;
   float4* s_x = smem_f4;  // [rows][kRowPad]: (u, dt, dy, sigmoid), then partial (du, ddelta, du, ddelta)
   float* s_B = reinterpret_cast<float*>(s_x + rows * kRowPad);      // [kChunk][NMAX]
   float* s_C = s_B + kChunk * NMAX;                                 // [kChunk][NMAX]
-  float* s_red = s_C + kChunk * NMAX;  // [kMaxWarps][2 NMAX][kChunk]: dB, dC sums
-  float2* s_par = reinterpret_cast<float2*>(s_red + kMaxWarps * 2 * NMAX * kChunk);  // [rows]: (delta_bias, D)
+  float* s_red = s_C + kChunk * NMAX;  // [kMaxWarps][2 NMAX][kRedPad]: dB, dC sums
+  float2* s_par = reinterpret_cast<float2*>(s_red + kMaxWarps * 2 * NMAX * kRedPad);  // [rows]: (delta_bias, D)
 
   const int b = blockIdx.x, d0 = blockIdx.y * rows, row = threadIdx.x / kSplit, part = threadIdx.x % kSplit;
   const int d = d0 + row, valid_rows = min(rows, p.dim - d0);
@@ -417,7 +426,7 @@ scan_bwd_kernel(const T* __restrict__ u, const T* __restrict__ delta, const floa
   const bool active = d < p.dim;
   const Tile tile(valid_rows, p.len);
   stage_params(s_par, delta_bias, Dskip, d0, valid_rows);
-  for (int i = warps * 2 * NMAX * kChunk + threadIdx.x; i < kMaxWarps * 2 * NMAX * kChunk; i += blockDim.x)
+  for (int i = warps * 2 * NMAX * kRedPad + threadIdx.x; i < kMaxWarps * 2 * NMAX * kRedPad; i += blockDim.x)
     s_red[i] = 0.f;  // the slots of absent warps, summed with the others
   float A2[NT];
 #pragma unroll
@@ -438,6 +447,12 @@ scan_bwd_kernel(const T* __restrict__ u, const T* __restrict__ delta, const floa
   const unsigned my_seg_off = (active ? row : 0) * n_seg * NMAX + part * NT;
   const auto my_seg_state = [&](int seg) { return seg_state_b + (my_seg_off + seg * NMAX); };
   float4* my_x = s_x + row * kRowPad;
+  // After warp_sum_over_channels, this lane holds the channel sum of value idx of its part: dB
+  // (idx < NT) or dC of state part * NT + idx % NT; one lane per value (red_writer) stores it.
+  constexpr int kLog2M = M == 2 ? 1 : (M == 4 ? 2 : 3);
+  const int idx = (lane >> (5 - kLog2M)) % M;
+  const bool red_writer = ((lane >> 2) & (32 / kSplit / M - 1)) == 0;
+  float* my_red = s_red + (warp * 2 * NMAX + (idx / NT) * NMAX + part * NT + idx % NT) * kRedPad;
   __syncthreads();  // s_par, s_red
 
   float carry[NT];   // a_{t+1} g_{t+1}: the gradient reaching h_t through h_{t+1}
@@ -464,7 +479,7 @@ scan_bwd_kernel(const T* __restrict__ u, const T* __restrict__ delta, const floa
       if (m < 2 * NMAX && t0 + lane < p.len) {
         float sum = 0.f;
 #pragma unroll
-        for (int w = 0; w < kMaxWarps; ++w) sum += s_red[(w * 2 * NMAX + m) * kChunk + lane];  // absent warps: 0
+        for (int w = 0; w < kMaxWarps; ++w) sum += s_red[(w * 2 * NMAX + m) * kRedPad + lane];  // absent warps: 0
         out[m * p.len] = sum;
       }
     }
@@ -515,10 +530,16 @@ scan_bwd_kernel(const T* __restrict__ u, const T* __restrict__ delta, const floa
       }
       // Reverse steps over the segment, branch-free. Tokens past l (only in the sequence's last
       // segment, reached first, while carry is still 0) read u = dy = 0, so every gradient term and
-      // the carry stay 0; their du, ddelta are never stored.
+      // the carry stay 0; their du, ddelta are never stored. The steps go in groups of 4 tokens:
+      // per token, this lane keeps its du or ddelta share (out) and the channel sum of one dB or
+      // dC value (red_sum) in registers, and writes them after the group's last read, so that the
+      // group's steps overlap.
 #pragma unroll
-      for (int j = K - 1; j >= 0; --j) {
-        const int k = k0 + j;
+      for (int j4 = K - G; j4 >= 0; j4 -= G) {
+      float out[G], red_sum[G];
+#pragma unroll
+      for (int jj = G - 1; jj >= 0; --jj) {
+        const int j = j4 + jj, k = k0 + j;
         const float4 x = my_x[k];  // (u, dt, dy, sigmoid)
         const float u_k = x.x, dt = x.y, dy_k = x.z, dtu = dt * u_k;
         float B_k[NT], C_k[NT], red[M];
@@ -539,18 +560,20 @@ scan_bwd_kernel(const T* __restrict__ u, const T* __restrict__ delta, const floa
         // Over the pair of lanes: even parts get sum g B, odd parts u sum g B + ln 2 sum g h a A2
         // (d(dt)), each over the pair's states; the pairs' du and ddelta shares go to the record.
         const float sum = pair_sum(gB, u_k * gB + kLn2 * gaA2, part);
-        const float out = (part & 1) ? sum * x.w : dt * sum + D_du * dy_k;  // ddelta (odd), du (even)
+        out[jj] = (part & 1) ? sum * x.w : dt * sum + D_du * dy_k;  // ddelta (odd), du (even)
         dD_acc += dy_k * u_k;
-        dbias_acc += out;  // a share of the ddelta sum in odd parts
-        __syncwarp();  // all four lanes of the row have read record k
-        reinterpret_cast<float*>(my_x + k)[part] = out;
+        dbias_acc += out[jj];  // a share of the ddelta sum in odd parts
         warp_sum_over_channels<M>(red, lane);
-        constexpr int kLog2M = M == 2 ? 1 : (M == 4 ? 2 : 3);
-        const int idx = (lane >> (5 - kLog2M)) % M;  // which of this part's values lane holds
-        if (((lane >> 2) & (32 / kSplit / M - 1)) == 0) {
-          const int n = part * NT + idx % NT, m = (idx / NT) * NMAX + n;
-          s_red[(warp * 2 * NMAX + m) * kChunk + k] = red[0];
-        }
+        red_sum[jj] = red[0];
+      }
+      __syncwarp();  // all four lanes of the row have read the group's records
+#pragma unroll
+      for (int jj = 0; jj < G; ++jj) reinterpret_cast<float*>(my_x + k0 + j4 + jj)[part] = out[jj];
+      if (red_writer) {
+        if constexpr (G == 4) *reinterpret_cast<float4*>(my_red + k0 + j4) = make_float4(red_sum[0], red_sum[1], red_sum[2], red_sum[3]);
+        else if constexpr (G == 2) *reinterpret_cast<float2*>(my_red + k0 + j4) = make_float2(red_sum[0], red_sum[1]);
+        else my_red[k0 + j4] = red_sum[0];
+      }
       }
     }
     __syncthreads();
@@ -637,7 +660,7 @@ size_t fwd_smem(int threads, int nmax) {
 size_t bwd_smem(int threads, int nmax) {
   const int rows = threads / kSplit;
   return sizeof(float4) * rows * kRowPad + sizeof(float) * 2 * kChunk * nmax +
-         sizeof(float) * kMaxWarps * 2 * nmax * kChunk + sizeof(float2) * rows;
+         sizeof(float) * kMaxWarps * 2 * nmax * kRedPad + sizeof(float2) * rows;
 }
 
 template <typename T, int NMAX>
@@ -655,6 +678,16 @@ int launch_fwd(const ScanShape& p, const void* u, const void* delta, const float
   return cudaGetLastError();
 }
 
+// Streaming multiprocessors of the current device (queried once per device; no synchronisation).
+unsigned sm_count() {
+  static int cached[64] = {};
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return 132;
+  if (cached[dev] == 0 && cudaDeviceGetAttribute(&cached[dev], cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
+    return 132;
+  return cached[dev];
+}
+
 template <typename T, int NMAX>
 int launch_bwd(const ScanShape& p, const void* u, const void* delta, const float* A, const void* B, const void* C,
                const float* D, const float* delta_bias, const float* seg_state, const void* dy, void* du,
@@ -663,7 +696,10 @@ int launch_bwd(const ScanShape& p, const void* u, const void* delta, const float
   int threads;
   const dim3 grid = block_grid(p.batch, p.dim, &threads);
   const size_t smem = bwd_smem(threads, NMAX);
-  auto kernel = scan_bwd_kernel<T, NMAX>;
+  auto kernel = scan_bwd_kernel<T, NMAX, NMAX <= 8 ? 3 : 2>;
+  if constexpr (NMAX <= 8) {
+    if (grid.x * grid.y > 3u * sm_count()) kernel = scan_bwd_kernel<T, NMAX, 4>;
+  }
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   if (err != cudaSuccess) return err;
   kernel<<<grid, threads, smem, stream>>>(
