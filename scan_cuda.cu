@@ -27,8 +27,9 @@
 // its pair's shares of du and ddelta), and the phase that writes the chunk's outputs adds them.
 // For n <= 8 both kernels fit 64 registers, so that 4 blocks of 8 warps share an SM (B stage 3's
 // 512 blocks run in one wave). Where the grid fits one wave at 3 blocks per SM (T stage 3), the
-// backward runs an 80-register instance whose lanes write their results for 2 tokens at a time,
-// after both tokens' reads, so that the two steps (shared-memory loads, shuffle chains) overlap.
+// backward runs an 80-register instance. Lanes write their per-token results in groups of tokens
+// (forward 4, backward 2 at 80 registers, 1 at 64), after the group's reads, so that the group's
+// steps (shared-memory loads, exp2, shuffle chains) overlap.
 //
 // Forward (scan_fwd_kernel): one pass. When gradients will be needed (scan.py's training op), it
 // also writes the state entering every segment, seg_state[b][d][seg][NMAX] (float32: 4 bytes per
@@ -251,6 +252,18 @@ __device__ __forceinline__ void read_states(const float* s, int c, int part, flo
   }
 }
 
+template <int G>  // G consecutive floats, 4 G-byte aligned (one vector store)
+__device__ __forceinline__ void store_group(float* p, const float (&v)[G]) {
+  if constexpr (G == 1) {
+    *p = v[0];
+  } else if constexpr (G == 2) {
+    *reinterpret_cast<float2*>(p) = make_float2(v[0], v[1]);
+  } else {
+    static_assert(G == 4, "G must be 1, 2 or 4");
+    *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
+  }
+}
+
 template <int NT>  // from global memory (read-only)
 __device__ __forceinline__ void load_state(const float* p, float (&h)[NT]) {
   if constexpr (NT == 2) {
@@ -314,6 +327,7 @@ scan_fwd_kernel(const T* __restrict__ u, const T* __restrict__ delta, const floa
                 float* __restrict__ seg_state,  // [b][d][n_seg][NMAX] or nullptr: state entering each segment
                 ScanShape p) {
   constexpr int NT = NMAX / kSplit, K = kSegLen<NMAX>;
+  constexpr int G = 4;  // tokens per group of steps whose partial-y writes wait for the group's end
   extern __shared__ float4 smem_f4[];
   const int rows = blockDim.x / kSplit;
   float4* s_x = smem_f4;  // [rows][kRowPad]: (dt, dt u, D u, 0), then the 4 lanes' partial y
@@ -368,26 +382,32 @@ scan_fwd_kernel(const T* __restrict__ u, const T* __restrict__ delta, const floa
     __syncthreads();
     // Tokens past l read finite u, B, C; their y is never stored, and h is not used after the last
     // chunk (nor saved: their segments do not exist). Each lane sums C h over its own states only
-    // (part 2 adds D u) and, once all four lanes of its row have read the token's record, writes
-    // that partial y over field `part` of it; the store phase adds the four.
+    // (part 2 adds D u) and, once all four lanes of its row have read the records of a group of G
+    // tokens, writes its partial y over field `part` of each; the store phase adds the four. (The
+    // writes wait for the group's end so that the group's loads and steps overlap.)
     const int len = min(kChunk, p.len - t0);
     for (int k0 = 0; k0 < len; k0 += K) {
       if (my_seg_state != nullptr && active) store_state<NT>(my_seg_state + ((t0 + k0) / K) * NMAX, h);
 #pragma unroll
-      for (int j = 0; j < K; ++j) {
-        const int k = k0 + j;
-        const float4 x = my_x[k];  // (dt, dt u, D u, 0)
-        float B_k[NT], C_k[NT];
-        read_states<NMAX, NT>(s_B, k, part, B_k);
-        read_states<NMAX, NT>(s_C, k, part, C_k);
-        float y_part = part == 2 ? x.z : 0.f;
+      for (int j0 = 0; j0 < K; j0 += G) {
+        float y_part[G];
 #pragma unroll
-        for (int i = 0; i < NT; ++i) {
-          h[i] = exp2_approx(x.x * A2[i]) * h[i] + x.y * B_k[i];
-          y_part += C_k[i] * h[i];
+        for (int j = 0; j < G; ++j) {
+          const int k = k0 + j0 + j;
+          const float4 x = my_x[k];  // (dt, dt u, D u, 0)
+          float B_k[NT], C_k[NT];
+          read_states<NMAX, NT>(s_B, k, part, B_k);
+          read_states<NMAX, NT>(s_C, k, part, C_k);
+          y_part[j] = part == 2 ? x.z : 0.f;
+#pragma unroll
+          for (int i = 0; i < NT; ++i) {
+            h[i] = exp2_approx(x.x * A2[i]) * h[i] + x.y * B_k[i];
+            y_part[j] += C_k[i] * h[i];
+          }
         }
-        __syncwarp();
-        reinterpret_cast<float*>(my_x + k)[part] = y_part;
+        __syncwarp();  // all four lanes of the row have read the group's records
+#pragma unroll
+        for (int j = 0; j < G; ++j) reinterpret_cast<float*>(my_x + k0 + j0 + j)[part] = y_part[j];
       }
     }
     __syncthreads();  // partial y complete; s_B, s_C free for the next chunk
@@ -398,8 +418,8 @@ scan_fwd_kernel(const T* __restrict__ u, const T* __restrict__ delta, const floa
 // MIN_BLOCKS per SM: 2 for n > 8 (128 registers); for n <= 8, 3 (80 registers) where the grid fits
 // one wave at 3 blocks per SM (T stage 3: 384 blocks, 396 slots), else 4 (64 registers, 55 KB of
 // shared memory for 8 warps: B stage 3's 512 blocks in one wave). G: tokens per group of reverse
-// steps whose shared-memory writes wait for the group's end (the steps of a group overlap); 64
-// registers only fit G = 1. No spills.
+// steps whose shared-memory writes wait for the group's end (the steps of a group overlap), as
+// many as the registers fit without spills: 4 at 128 registers, 2 at 80, 1 at 64.
 template <typename T, int NMAX, int MIN_BLOCKS>
 __global__ void __launch_bounds__(kMaxWarps * 32, MIN_BLOCKS)
 scan_bwd_kernel(const T* __restrict__ u, const T* __restrict__ delta, const float* __restrict__ A,
@@ -411,7 +431,7 @@ scan_bwd_kernel(const T* __restrict__ u, const T* __restrict__ delta, const floa
                 ScanShape p) {
   constexpr int NT = NMAX / kSplit, K = kSegLen<NMAX>;
   constexpr int M = 2 * NT;  // values per lane and token summed over channels: dB, dC of its states
-  constexpr int G = MIN_BLOCKS >= 4 ? 1 : 2;
+  constexpr int G = MIN_BLOCKS == 4 ? 1 : (MIN_BLOCKS == 3 ? 2 : 4);
   extern __shared__ float4 smem_f4[];
   const int rows = blockDim.x / kSplit, warps = blockDim.x / 32;
   float4* s_x = smem_f4;  // [rows][kRowPad]: (u, dt, dy, sigmoid), then partial (du, ddelta, du, ddelta)
@@ -530,50 +550,46 @@ scan_bwd_kernel(const T* __restrict__ u, const T* __restrict__ delta, const floa
       }
       // Reverse steps over the segment, branch-free. Tokens past l (only in the sequence's last
       // segment, reached first, while carry is still 0) read u = dy = 0, so every gradient term and
-      // the carry stay 0; their du, ddelta are never stored. The steps go in groups of 4 tokens:
+      // the carry stay 0; their du, ddelta are never stored. The steps go in groups of G tokens:
       // per token, this lane keeps its du or ddelta share (out) and the channel sum of one dB or
       // dC value (red_sum) in registers, and writes them after the group's last read, so that the
       // group's steps overlap.
 #pragma unroll
-      for (int j4 = K - G; j4 >= 0; j4 -= G) {
-      float out[G], red_sum[G];
+      for (int j0 = K - G; j0 >= 0; j0 -= G) {
+        float out[G], red_sum[G];
 #pragma unroll
-      for (int jj = G - 1; jj >= 0; --jj) {
-        const int j = j4 + jj, k = k0 + j;
-        const float4 x = my_x[k];  // (u, dt, dy, sigmoid)
-        const float u_k = x.x, dt = x.y, dy_k = x.z, dtu = dt * u_k;
-        float B_k[NT], C_k[NT], red[M];
-        read_states<NMAX, NT>(s_B, k, part, B_k);
-        read_states<NMAX, NT>(s_C, k, part, C_k);
-        float gB = 0.f, gaA2 = 0.f;
+        for (int jj = G - 1; jj >= 0; --jj) {
+          const int j = j0 + jj, k = k0 + j;
+          const float4 x = my_x[k];  // (u, dt, dy, sigmoid)
+          const float u_k = x.x, dt = x.y, dy_k = x.z, dtu = dt * u_k;
+          float B_k[NT], C_k[NT], red[M];
+          read_states<NMAX, NT>(s_B, k, part, B_k);
+          read_states<NMAX, NT>(s_C, k, part, C_k);
+          float gB = 0.f, gaA2 = 0.f;
 #pragma unroll
-        for (int i = 0; i < NT; ++i) {
-          const float g = carry[i] + dy_k * C_k[i];   // dLoss/dh_t
-          carry[i] = a[j][i] * g;
-          const float gha = carry[i] * hist[j][i];    // dLoss/da_t * a_t
-          dA_acc[i] += gha * dt;
-          gaA2 += gha * A2[i];
-          gB += g * B_k[i];
-          red[i] = g * dtu;                           // dB_t of state part * NT + i
-          red[NT + i] = dy_k * hist[j + 1][i];        // dC_t of state part * NT + i
+          for (int i = 0; i < NT; ++i) {
+            const float g = carry[i] + dy_k * C_k[i];   // dLoss/dh_t
+            carry[i] = a[j][i] * g;
+            const float gha = carry[i] * hist[j][i];    // dLoss/da_t * a_t
+            dA_acc[i] += gha * dt;
+            gaA2 += gha * A2[i];
+            gB += g * B_k[i];
+            red[i] = g * dtu;                           // dB_t of state part * NT + i
+            red[NT + i] = dy_k * hist[j + 1][i];        // dC_t of state part * NT + i
+          }
+          // Over the pair of lanes: even parts get sum g B, odd parts u sum g B + ln 2 sum g h a A2
+          // (d(dt)), each over the pair's states; the pairs' du and ddelta shares go to the record.
+          const float sum = pair_sum(gB, u_k * gB + kLn2 * gaA2, part);
+          out[jj] = (part & 1) ? sum * x.w : dt * sum + D_du * dy_k;  // ddelta (odd), du (even)
+          dD_acc += dy_k * u_k;
+          dbias_acc += out[jj];  // a share of the ddelta sum in odd parts
+          warp_sum_over_channels<M>(red, lane);
+          red_sum[jj] = red[0];
         }
-        // Over the pair of lanes: even parts get sum g B, odd parts u sum g B + ln 2 sum g h a A2
-        // (d(dt)), each over the pair's states; the pairs' du and ddelta shares go to the record.
-        const float sum = pair_sum(gB, u_k * gB + kLn2 * gaA2, part);
-        out[jj] = (part & 1) ? sum * x.w : dt * sum + D_du * dy_k;  // ddelta (odd), du (even)
-        dD_acc += dy_k * u_k;
-        dbias_acc += out[jj];  // a share of the ddelta sum in odd parts
-        warp_sum_over_channels<M>(red, lane);
-        red_sum[jj] = red[0];
-      }
-      __syncwarp();  // all four lanes of the row have read the group's records
+        __syncwarp();  // all four lanes of the row have read the group's records
 #pragma unroll
-      for (int jj = 0; jj < G; ++jj) reinterpret_cast<float*>(my_x + k0 + j4 + jj)[part] = out[jj];
-      if (red_writer) {
-        if constexpr (G == 4) *reinterpret_cast<float4*>(my_red + k0 + j4) = make_float4(red_sum[0], red_sum[1], red_sum[2], red_sum[3]);
-        else if constexpr (G == 2) *reinterpret_cast<float2*>(my_red + k0 + j4) = make_float2(red_sum[0], red_sum[1]);
-        else my_red[k0 + j4] = red_sum[0];
-      }
+        for (int jj = 0; jj < G; ++jj) reinterpret_cast<float*>(my_x + k0 + j0 + jj)[part] = out[jj];
+        if (red_writer) store_group<G>(my_red + k0 + j0, red_sum);
       }
     }
     __syncthreads();
