@@ -610,12 +610,13 @@ scan_bwd_kernel(const T* __restrict__ u, const T* __restrict__ delta, const floa
 // longer sums do not form the tail) sum dADb_part over the batch: column j of the per-batch-row
 // slab [d][NMAX + 2] is (d, k): dA (k < n), dD (k = NMAX), ddelta_bias (k = NMAX + 1). A block owns
 // 32 columns, one per lane; warp w sums batch rows w, w + 8, ... (16 loads in flight per round),
-// then warp 0 adds the 8 warps' sums in order. The other blocks: one thread per element (m, t) of
-// one batch row's dB, dC, summing the channel blocks' dBC_part.
+// then warp 0 adds the 8 warps' sums in order. The other blocks: 1024 elements (m, t) of one batch
+// row's dB, dC, 4 per thread (all their loads in flight), summing the channel blocks' dBC_part.
 constexpr int kFinishWarps = 8, kFinishThreads = kFinishWarps * 32, kFinishLoads = 16;
+constexpr int kFinishElems = 4, kFinishSpan = kFinishElems * kFinishThreads;  // dB, dC elements per thread, block
 
 template <typename T, int NMAX>
-__global__ void __launch_bounds__(kFinishThreads)
+__global__ void __launch_bounds__(kFinishThreads, 6)  // <= 40 registers: 6 blocks per SM
 scan_bwd_finish_kernel(const float* __restrict__ dBC_part, const float* __restrict__ dADb_part,
                        T* __restrict__ dB, T* __restrict__ dC, float* __restrict__ dA, float* __restrict__ dD,
                        float* __restrict__ ddelta_bias, ScanShape p, int channel_blocks, int adb_blocks) {
@@ -645,17 +646,29 @@ scan_bwd_finish_kernel(const float* __restrict__ dBC_part, const float* __restri
     else if (k == NMAX) dD[d] = sum;
     else if (k == NMAX + 1) ddelta_bias[d] = sum;
   } else {
-    const int per_row = 2 * n * p.len, row_blocks = (per_row + kFinishThreads - 1) / kFinishThreads;
+    const int per_row = 2 * n * p.len, row_blocks = (per_row + kFinishSpan - 1) / kFinishSpan;
     const int q = blockIdx.x - adb_blocks, b = q / row_blocks;
-    const int i = (q - b * row_blocks) * kFinishThreads + threadIdx.x;  // (m, t), m < 2 n
-    if (i >= per_row) return;
-    const int m = i / p.len, t = i - m * p.len;
-    const int row = m < n ? m : NMAX + m - n;  // dB rows 0.., dC rows NMAX.. of the partials
-    const float* src = dBC_part + ((int64_t)b * 2 * NMAX + row) * p.len + t;
+    const int i0 = (q - b * row_blocks) * kFinishSpan + threadIdx.x;
+    const float* part_b = dBC_part + (int64_t)b * 2 * NMAX * p.len;
     const int64_t part_step = (int64_t)p.batch * 2 * NMAX * p.len;
-    float sum = 0.f;
-    for (int k = 0; k < channel_blocks; ++k) sum += src[k * part_step];
-    (m < n ? dB : dC)[((int64_t)b * n + m % n) * p.len + t] = from_float<T>(sum);
+    const float* src[kFinishElems];
+    float sum[kFinishElems];
+#pragma unroll
+    for (int e = 0; e < kFinishElems; ++e) {
+      const int i = min(i0 + e * kFinishThreads, per_row - 1), m = i / p.len;  // (m, t), m < 2 n
+      const int row = m < n ? m : NMAX + m - n;  // dB rows 0.., dC rows NMAX.. of the partials
+      src[e] = part_b + row * p.len + (i - m * p.len);
+      sum[e] = 0.f;
+    }
+    for (int k = 0; k < channel_blocks; ++k) {
+#pragma unroll
+      for (int e = 0; e < kFinishElems; ++e) sum[e] += src[e][k * part_step];
+    }
+#pragma unroll
+    for (int e = 0; e < kFinishElems; ++e) {
+      const int i = i0 + e * kFinishThreads, m = i / p.len, t = i - m * p.len;
+      if (i < per_row) (m < n ? dB : dC)[((int64_t)b * n + m % n) * p.len + t] = from_float<T>(sum[e]);
+    }
   }
 }
 
@@ -725,7 +738,7 @@ int launch_bwd(const ScanShape& p, const void* u, const void* delta, const float
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   const int adb_blocks = (p.dim * (NMAX + 2) + 31) / 32;
-  const int64_t bc_blocks = p.batch * (int64_t)((2 * p.nstate * p.len + kFinishThreads - 1) / kFinishThreads);
+  const int64_t bc_blocks = p.batch * (int64_t)((2 * p.nstate * p.len + kFinishSpan - 1) / kFinishSpan);
   if (adb_blocks + bc_blocks > 2147483647) return -1;
   auto finish = scan_bwd_finish_kernel<T, NMAX>;
   finish<<<(unsigned)(adb_blocks + bc_blocks), kFinishThreads, 0, stream>>>(
