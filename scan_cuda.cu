@@ -553,7 +553,9 @@ scan_bwd_kernel(const T* __restrict__ u, const T* __restrict__ delta, const floa
       // the carry stay 0; their du, ddelta are never stored. The steps go in groups of G tokens:
       // per token, this lane keeps its du or ddelta share (out) and the channel sum of one dB or
       // dC value (red_sum) in registers, and writes them after the group's last read, so that the
-      // group's steps overlap.
+      // group's steps overlap. With G = 1 (64 registers), red_sum is stored one step late instead,
+      // so that its shuffle chain overlaps the next step.
+      float red_late = 0.f;  // G = 1: the channel sum of the step before, stored one step late
 #pragma unroll
       for (int j0 = K - G; j0 >= 0; j0 -= G) {
         float out[G], red_sum[G];
@@ -589,8 +591,14 @@ scan_bwd_kernel(const T* __restrict__ u, const T* __restrict__ delta, const floa
         __syncwarp();  // all four lanes of the row have read the group's records
 #pragma unroll
         for (int jj = 0; jj < G; ++jj) reinterpret_cast<float*>(my_x + k0 + j0 + jj)[part] = out[jj];
-        if (red_writer) store_group<G>(my_red + k0 + j0, red_sum);
+        if constexpr (G == 1) {
+          if (j0 < K - 1 && red_writer) my_red[k0 + j0 + 1] = red_late;
+          red_late = red_sum[0];
+        } else if (red_writer) {
+          store_group<G>(my_red + k0 + j0, red_sum);
+        }
       }
+      if (G == 1 && red_writer) my_red[k0] = red_late;
     }
     __syncthreads();
   }
