@@ -81,6 +81,9 @@ constexpr float kLn2 = 0.6931471805599453f;
 template <int NMAX>  // loads per thread and state tensor that cover NMAX states with >= kMinWarps warps
 constexpr int kStateLoads = (NMAX + kMinWarps - 1) / kMinWarps;
 
+template <int NMAX>  // row pitch of the staged B, C tiles [kChunk][NMAX]: 4-way bank conflicts at staging, not 8
+constexpr int kStatePitch = NMAX + 4;
+
 template <int NMAX>  // tokens per segment: the backward keeps 2 K NT floats of a segment per lane
 constexpr int kSegLen = NMAX <= 8 ? 8 : 4;
 
@@ -201,7 +204,7 @@ struct Tile {
     }
   }
 
-  // Store what load_states loaded into S consecutive tiles [kChunk][NMAX] at dst.
+  // Store what load_states loaded into S consecutive tiles [kChunk][kStatePitch] at dst.
   template <int NMAX, int S>
   __device__ __forceinline__ void store_states(const float (&v)[S][kStateLoads<NMAX>], float* dst) const {
 #pragma unroll
@@ -209,7 +212,7 @@ struct Tile {
       const int n = warp + i * warps;
 #pragma unroll
       for (int s = 0; s < S; ++s)
-        if (n < NMAX) dst[(s * kChunk + lane) * NMAX + n] = v[s][i];
+        if (n < NMAX) dst[(s * kChunk + lane) * kStatePitch<NMAX> + n] = v[s][i];
     }
   }
 
@@ -238,10 +241,10 @@ struct Tile {
   }
 };
 
-// This lane's NT states of token c from a staged [token][NMAX] tile (one 8- or 16-byte load).
+// This lane's NT states of token c from a staged [token][kStatePitch] tile (one 8- or 16-byte load).
 template <int NMAX, int NT>
 __device__ __forceinline__ void read_states(const float* s, int c, int part, float (&out)[NT]) {
-  const float* p = s + c * NMAX + part * NT;
+  const float* p = s + c * kStatePitch<NMAX> + part * NT;
   if constexpr (NT == 2) {
     const float2 v = *reinterpret_cast<const float2*>(p);
     out[0] = v.x; out[1] = v.y;
@@ -331,9 +334,9 @@ scan_fwd_kernel(const T* __restrict__ u, const T* __restrict__ delta, const floa
   extern __shared__ float4 smem_f4[];
   const int rows = blockDim.x / kSplit;
   float4* s_x = smem_f4;  // [rows][kRowPad]: (dt, dt u, D u, 0), then the 4 lanes' partial y
-  float* s_B = reinterpret_cast<float*>(s_x + rows * kRowPad);    // [kChunk][NMAX]
-  float* s_C = s_B + kChunk * NMAX;                               // [kChunk][NMAX]
-  float2* s_par = reinterpret_cast<float2*>(s_C + kChunk * NMAX);  // [rows]: (delta_bias, D)
+  float* s_B = reinterpret_cast<float*>(s_x + rows * kRowPad);              // [kChunk][kStatePitch]
+  float* s_C = s_B + kChunk * kStatePitch<NMAX>;                            // [kChunk][kStatePitch]
+  float2* s_par = reinterpret_cast<float2*>(s_C + kChunk * kStatePitch<NMAX>);  // [rows]: (delta_bias, D)
 
   const int b = blockIdx.x, d0 = blockIdx.y * rows, row = threadIdx.x / kSplit, part = threadIdx.x % kSplit;
   const int d = d0 + row, valid_rows = min(rows, p.dim - d0);
@@ -435,9 +438,9 @@ scan_bwd_kernel(const T* __restrict__ u, const T* __restrict__ delta, const floa
   extern __shared__ float4 smem_f4[];
   const int rows = blockDim.x / kSplit, warps = blockDim.x / 32;
   float4* s_x = smem_f4;  // [rows][kRowPad]: (u, dt, dy, sigmoid), then partial (du, ddelta, du, ddelta)
-  float* s_B = reinterpret_cast<float*>(s_x + rows * kRowPad);      // [kChunk][NMAX]
-  float* s_C = s_B + kChunk * NMAX;                                 // [kChunk][NMAX]
-  float* s_red = s_C + kChunk * NMAX;  // [kMaxWarps][2 NMAX][kRedPad]: dB, dC sums
+  float* s_B = reinterpret_cast<float*>(s_x + rows * kRowPad);  // [kChunk][kStatePitch]
+  float* s_C = s_B + kChunk * kStatePitch<NMAX>;                // [kChunk][kStatePitch]
+  float* s_red = s_C + kChunk * kStatePitch<NMAX>;  // [kMaxWarps][2 NMAX][kRedPad]: dB, dC sums
   float2* s_par = reinterpret_cast<float2*>(s_red + kMaxWarps * 2 * NMAX * kRedPad);  // [rows]: (delta_bias, D)
 
   const int b = blockIdx.x, d0 = blockIdx.y * rows, row = threadIdx.x / kSplit, part = threadIdx.x % kSplit;
@@ -692,11 +695,11 @@ dim3 block_grid(int batch, int dim, int* threads) {
 
 size_t fwd_smem(int threads, int nmax) {
   const int rows = threads / kSplit;
-  return sizeof(float4) * rows * kRowPad + sizeof(float) * 2 * kChunk * nmax + sizeof(float2) * rows;
+  return sizeof(float4) * rows * kRowPad + sizeof(float) * 2 * kChunk * (nmax + 4) + sizeof(float2) * rows;
 }
 size_t bwd_smem(int threads, int nmax) {
   const int rows = threads / kSplit;
-  return sizeof(float4) * rows * kRowPad + sizeof(float) * 2 * kChunk * nmax +
+  return sizeof(float4) * rows * kRowPad + sizeof(float) * 2 * kChunk * (nmax + 4) +
          sizeof(float) * kMaxWarps * 2 * nmax * kRedPad + sizeof(float2) * rows;
 }
 
