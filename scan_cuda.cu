@@ -70,7 +70,7 @@ namespace {
 
 constexpr int kChunk = 32;           // tokens staged in shared memory per pass (one per lane)
 constexpr int kRowPad = kChunk + 1;  // padded row stride of the staged tiles: no bank conflicts
-constexpr int kRedPad = kChunk + 4;  // row stride of the dB, dC sums: 16-byte stores without conflicts
+constexpr int kRedPad = kChunk + 4;  // row stride of the dB, dC sums: a warp's rows start 4 banks apart
 constexpr int kSplit = 4;            // lanes per (b, d) row, each with NMAX / kSplit states
 constexpr int kMinWarps = 4;         // 16..64 channels per block
 constexpr int kMaxWarps = 8;
@@ -471,7 +471,9 @@ scan_bwd_kernel(const T* __restrict__ u, const T* __restrict__ delta, const floa
   const auto my_seg_state = [&](int seg) { return seg_state_b + (my_seg_off + seg * NMAX); };
   float4* my_x = s_x + row * kRowPad;
   // After warp_sum_over_channels, this lane holds the channel sum of value idx of its part: dB
-  // (idx < NT) or dC of state part * NT + idx % NT; one lane per value (red_writer) stores it.
+  // (idx < NT) or dC of state part * NT + idx % NT; one lane per value (red_writer) stores it, into
+  // row m of s_red. (The 16 writers' rows start 4 banks apart, kRedPad: at most 2-way conflicts
+  // where a pitch of 32 floats put all 16 on one bank.)
   constexpr int kLog2M = M == 2 ? 1 : (M == 4 ? 2 : 3);
   const int idx = (lane >> (5 - kLog2M)) % M;
   const bool red_writer = ((lane >> 2) & (32 / kSplit / M - 1)) == 0;
