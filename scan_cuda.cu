@@ -26,7 +26,10 @@
 // record, each writes its partial result over one field of it (forward: its share of y; backward:
 // its pair's shares of du and ddelta), and the phase that writes the chunk's outputs adds them.
 // For n <= 8 both kernels fit 64 registers, so that 4 blocks of 8 warps share an SM (B stage 3's
-// 512 blocks run in one wave).
+// 512 blocks run in one wave). Where the grid fits one wave at 3 blocks per SM (T stage 3), the
+// backward runs an 80-register instance. Lanes write their per-token results in groups of tokens
+// (forward 4, backward 2 at 80 registers, 1 at 64), after the group's reads, so that the group's
+// steps (shared-memory loads, exp2, shuffle chains) overlap.
 //
 // Forward (scan_fwd_kernel): one pass. When gradients will be needed (scan.py's training op), it
 // also writes the state entering every segment, seg_state[b][d][seg][NMAX] (float32: 4 bytes per
@@ -67,6 +70,7 @@ namespace {
 
 constexpr int kChunk = 32;           // tokens staged in shared memory per pass (one per lane)
 constexpr int kRowPad = kChunk + 1;  // padded row stride of the staged tiles: no bank conflicts
+constexpr int kRedPad = kChunk + 4;  // row stride of the dB, dC sums: a warp's rows start 4 banks apart
 constexpr int kSplit = 4;            // lanes per (b, d) row, each with NMAX / kSplit states
 constexpr int kMinWarps = 4;         // 16..64 channels per block
 constexpr int kMaxWarps = 8;
@@ -76,6 +80,9 @@ constexpr float kLn2 = 0.6931471805599453f;
 
 template <int NMAX>  // loads per thread and state tensor that cover NMAX states with >= kMinWarps warps
 constexpr int kStateLoads = (NMAX + kMinWarps - 1) / kMinWarps;
+
+template <int NMAX>  // row pitch of the staged B, C tiles [kChunk][NMAX]: 4-way bank conflicts at staging, not 8
+constexpr int kStatePitch = NMAX + 4;
 
 template <int NMAX>  // tokens per segment: the backward keeps 2 K NT floats of a segment per lane
 constexpr int kSegLen = NMAX <= 8 ? 8 : 4;
@@ -197,7 +204,7 @@ struct Tile {
     }
   }
 
-  // Store what load_states loaded into S consecutive tiles [kChunk][NMAX] at dst.
+  // Store what load_states loaded into S consecutive tiles [kChunk][kStatePitch] at dst.
   template <int NMAX, int S>
   __device__ __forceinline__ void store_states(const float (&v)[S][kStateLoads<NMAX>], float* dst) const {
 #pragma unroll
@@ -205,7 +212,7 @@ struct Tile {
       const int n = warp + i * warps;
 #pragma unroll
       for (int s = 0; s < S; ++s)
-        if (n < NMAX) dst[(s * kChunk + lane) * NMAX + n] = v[s][i];
+        if (n < NMAX) dst[(s * kChunk + lane) * kStatePitch<NMAX> + n] = v[s][i];
     }
   }
 
@@ -234,10 +241,10 @@ struct Tile {
   }
 };
 
-// This lane's NT states of token c from a staged [token][NMAX] tile (one 8- or 16-byte load).
+// This lane's NT states of token c from a staged [token][kStatePitch] tile (one 8- or 16-byte load).
 template <int NMAX, int NT>
 __device__ __forceinline__ void read_states(const float* s, int c, int part, float (&out)[NT]) {
-  const float* p = s + c * NMAX + part * NT;
+  const float* p = s + c * kStatePitch<NMAX> + part * NT;
   if constexpr (NT == 2) {
     const float2 v = *reinterpret_cast<const float2*>(p);
     out[0] = v.x; out[1] = v.y;
@@ -245,6 +252,18 @@ __device__ __forceinline__ void read_states(const float* s, int c, int part, flo
     static_assert(NT == 4, "NT must be 2 or 4");
     const float4 v = *reinterpret_cast<const float4*>(p);
     out[0] = v.x; out[1] = v.y; out[2] = v.z; out[3] = v.w;
+  }
+}
+
+template <int G>  // G consecutive floats, 4 G-byte aligned (one vector store)
+__device__ __forceinline__ void store_group(float* p, const float (&v)[G]) {
+  if constexpr (G == 1) {
+    *p = v[0];
+  } else if constexpr (G == 2) {
+    *reinterpret_cast<float2*>(p) = make_float2(v[0], v[1]);
+  } else {
+    static_assert(G == 4, "G must be 1, 2 or 4");
+    *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
   }
 }
 
@@ -311,12 +330,13 @@ scan_fwd_kernel(const T* __restrict__ u, const T* __restrict__ delta, const floa
                 float* __restrict__ seg_state,  // [b][d][n_seg][NMAX] or nullptr: state entering each segment
                 ScanShape p) {
   constexpr int NT = NMAX / kSplit, K = kSegLen<NMAX>;
+  constexpr int G = 4;  // tokens per group of steps whose partial-y writes wait for the group's end
   extern __shared__ float4 smem_f4[];
   const int rows = blockDim.x / kSplit;
   float4* s_x = smem_f4;  // [rows][kRowPad]: (dt, dt u, D u, 0), then the 4 lanes' partial y
-  float* s_B = reinterpret_cast<float*>(s_x + rows * kRowPad);    // [kChunk][NMAX]
-  float* s_C = s_B + kChunk * NMAX;                               // [kChunk][NMAX]
-  float2* s_par = reinterpret_cast<float2*>(s_C + kChunk * NMAX);  // [rows]: (delta_bias, D)
+  float* s_B = reinterpret_cast<float*>(s_x + rows * kRowPad);              // [kChunk][kStatePitch]
+  float* s_C = s_B + kChunk * kStatePitch<NMAX>;                            // [kChunk][kStatePitch]
+  float2* s_par = reinterpret_cast<float2*>(s_C + kChunk * kStatePitch<NMAX>);  // [rows]: (delta_bias, D)
 
   const int b = blockIdx.x, d0 = blockIdx.y * rows, row = threadIdx.x / kSplit, part = threadIdx.x % kSplit;
   const int d = d0 + row, valid_rows = min(rows, p.dim - d0);
@@ -365,26 +385,32 @@ scan_fwd_kernel(const T* __restrict__ u, const T* __restrict__ delta, const floa
     __syncthreads();
     // Tokens past l read finite u, B, C; their y is never stored, and h is not used after the last
     // chunk (nor saved: their segments do not exist). Each lane sums C h over its own states only
-    // (part 2 adds D u) and, once all four lanes of its row have read the token's record, writes
-    // that partial y over field `part` of it; the store phase adds the four.
+    // (part 2 adds D u) and, once all four lanes of its row have read the records of a group of G
+    // tokens, writes its partial y over field `part` of each; the store phase adds the four. (The
+    // writes wait for the group's end so that the group's loads and steps overlap.)
     const int len = min(kChunk, p.len - t0);
     for (int k0 = 0; k0 < len; k0 += K) {
       if (my_seg_state != nullptr && active) store_state<NT>(my_seg_state + ((t0 + k0) / K) * NMAX, h);
 #pragma unroll
-      for (int j = 0; j < K; ++j) {
-        const int k = k0 + j;
-        const float4 x = my_x[k];  // (dt, dt u, D u, 0)
-        float B_k[NT], C_k[NT];
-        read_states<NMAX, NT>(s_B, k, part, B_k);
-        read_states<NMAX, NT>(s_C, k, part, C_k);
-        float y_part = part == 2 ? x.z : 0.f;
+      for (int j0 = 0; j0 < K; j0 += G) {
+        float y_part[G];
 #pragma unroll
-        for (int i = 0; i < NT; ++i) {
-          h[i] = exp2_approx(x.x * A2[i]) * h[i] + x.y * B_k[i];
-          y_part += C_k[i] * h[i];
+        for (int j = 0; j < G; ++j) {
+          const int k = k0 + j0 + j;
+          const float4 x = my_x[k];  // (dt, dt u, D u, 0)
+          float B_k[NT], C_k[NT];
+          read_states<NMAX, NT>(s_B, k, part, B_k);
+          read_states<NMAX, NT>(s_C, k, part, C_k);
+          y_part[j] = part == 2 ? x.z : 0.f;
+#pragma unroll
+          for (int i = 0; i < NT; ++i) {
+            h[i] = exp2_approx(x.x * A2[i]) * h[i] + x.y * B_k[i];
+            y_part[j] += C_k[i] * h[i];
+          }
         }
-        __syncwarp();
-        reinterpret_cast<float*>(my_x + k)[part] = y_part;
+        __syncwarp();  // all four lanes of the row have read the group's records
+#pragma unroll
+        for (int j = 0; j < G; ++j) reinterpret_cast<float*>(my_x + k0 + j0 + j)[part] = y_part[j];
       }
     }
     __syncthreads();  // partial y complete; s_B, s_C free for the next chunk
@@ -392,8 +418,13 @@ scan_fwd_kernel(const T* __restrict__ u, const T* __restrict__ delta, const floa
   }
 }
 
-template <typename T, int NMAX>
-__global__ void __launch_bounds__(kMaxWarps * 32, NMAX <= 8 ? 4 : 2)  // 64 / 128 registers, no spills
+// MIN_BLOCKS per SM: 2 for n > 8 (128 registers); for n <= 8, 3 (80 registers) where the grid fits
+// one wave at 3 blocks per SM (T stage 3: 384 blocks, 396 slots), else 4 (64 registers, 55 KB of
+// shared memory for 8 warps: B stage 3's 512 blocks in one wave). G: tokens per group of reverse
+// steps whose shared-memory writes wait for the group's end (the steps of a group overlap), as
+// many as the registers fit without spills: 4 at 128 registers, 2 at 80, 1 at 64.
+template <typename T, int NMAX, int MIN_BLOCKS>
+__global__ void __launch_bounds__(kMaxWarps * 32, MIN_BLOCKS)
 scan_bwd_kernel(const T* __restrict__ u, const T* __restrict__ delta, const float* __restrict__ A,
                 const T* __restrict__ Bs, const T* __restrict__ Cs, const float* __restrict__ Dskip,
                 const float* __restrict__ delta_bias, const float* __restrict__ seg_state,  // from the forward
@@ -403,13 +434,14 @@ scan_bwd_kernel(const T* __restrict__ u, const T* __restrict__ delta, const floa
                 ScanShape p) {
   constexpr int NT = NMAX / kSplit, K = kSegLen<NMAX>;
   constexpr int M = 2 * NT;  // values per lane and token summed over channels: dB, dC of its states
+  constexpr int G = MIN_BLOCKS == 4 ? 1 : (MIN_BLOCKS == 3 ? 2 : 4);
   extern __shared__ float4 smem_f4[];
   const int rows = blockDim.x / kSplit, warps = blockDim.x / 32;
   float4* s_x = smem_f4;  // [rows][kRowPad]: (u, dt, dy, sigmoid), then partial (du, ddelta, du, ddelta)
-  float* s_B = reinterpret_cast<float*>(s_x + rows * kRowPad);      // [kChunk][NMAX]
-  float* s_C = s_B + kChunk * NMAX;                                 // [kChunk][NMAX]
-  float* s_red = s_C + kChunk * NMAX;  // [kMaxWarps][2 NMAX][kChunk]: dB, dC sums
-  float2* s_par = reinterpret_cast<float2*>(s_red + kMaxWarps * 2 * NMAX * kChunk);  // [rows]: (delta_bias, D)
+  float* s_B = reinterpret_cast<float*>(s_x + rows * kRowPad);  // [kChunk][kStatePitch]
+  float* s_C = s_B + kChunk * kStatePitch<NMAX>;                // [kChunk][kStatePitch]
+  float* s_red = s_C + kChunk * kStatePitch<NMAX>;  // [kMaxWarps][2 NMAX][kRedPad]: dB, dC sums
+  float2* s_par = reinterpret_cast<float2*>(s_red + kMaxWarps * 2 * NMAX * kRedPad);  // [rows]: (delta_bias, D)
 
   const int b = blockIdx.x, d0 = blockIdx.y * rows, row = threadIdx.x / kSplit, part = threadIdx.x % kSplit;
   const int d = d0 + row, valid_rows = min(rows, p.dim - d0);
@@ -417,7 +449,7 @@ scan_bwd_kernel(const T* __restrict__ u, const T* __restrict__ delta, const floa
   const bool active = d < p.dim;
   const Tile tile(valid_rows, p.len);
   stage_params(s_par, delta_bias, Dskip, d0, valid_rows);
-  for (int i = warps * 2 * NMAX * kChunk + threadIdx.x; i < kMaxWarps * 2 * NMAX * kChunk; i += blockDim.x)
+  for (int i = warps * 2 * NMAX * kRedPad + threadIdx.x; i < kMaxWarps * 2 * NMAX * kRedPad; i += blockDim.x)
     s_red[i] = 0.f;  // the slots of absent warps, summed with the others
   float A2[NT];
 #pragma unroll
@@ -438,6 +470,14 @@ scan_bwd_kernel(const T* __restrict__ u, const T* __restrict__ delta, const floa
   const unsigned my_seg_off = (active ? row : 0) * n_seg * NMAX + part * NT;
   const auto my_seg_state = [&](int seg) { return seg_state_b + (my_seg_off + seg * NMAX); };
   float4* my_x = s_x + row * kRowPad;
+  // After warp_sum_over_channels, this lane holds the channel sum of value idx of its part: dB
+  // (idx < NT) or dC of state part * NT + idx % NT; one lane per value (red_writer) stores it, into
+  // row m of s_red. (The 16 writers' rows start 4 banks apart, kRedPad: at most 2-way conflicts
+  // where a pitch of 32 floats put all 16 on one bank.)
+  constexpr int kLog2M = M == 2 ? 1 : (M == 4 ? 2 : 3);
+  const int idx = (lane >> (5 - kLog2M)) % M;
+  const bool red_writer = ((lane >> 2) & (32 / kSplit / M - 1)) == 0;
+  float* my_red = s_red + (warp * 2 * NMAX + (idx / NT) * NMAX + part * NT + idx % NT) * kRedPad;
   __syncthreads();  // s_par, s_red
 
   float carry[NT];   // a_{t+1} g_{t+1}: the gradient reaching h_t through h_{t+1}
@@ -464,7 +504,7 @@ scan_bwd_kernel(const T* __restrict__ u, const T* __restrict__ delta, const floa
       if (m < 2 * NMAX && t0 + lane < p.len) {
         float sum = 0.f;
 #pragma unroll
-        for (int w = 0; w < kMaxWarps; ++w) sum += s_red[(w * 2 * NMAX + m) * kChunk + lane];  // absent warps: 0
+        for (int w = 0; w < kMaxWarps; ++w) sum += s_red[(w * 2 * NMAX + m) * kRedPad + lane];  // absent warps: 0
         out[m * p.len] = sum;
       }
     }
@@ -515,43 +555,55 @@ scan_bwd_kernel(const T* __restrict__ u, const T* __restrict__ delta, const floa
       }
       // Reverse steps over the segment, branch-free. Tokens past l (only in the sequence's last
       // segment, reached first, while carry is still 0) read u = dy = 0, so every gradient term and
-      // the carry stay 0; their du, ddelta are never stored.
+      // the carry stay 0; their du, ddelta are never stored. The steps go in groups of G tokens:
+      // per token, this lane keeps its du or ddelta share (out) and the channel sum of one dB or
+      // dC value (red_sum) in registers, and writes them after the group's last read, so that the
+      // group's steps overlap. With G = 1 (64 registers), red_sum is stored one step late instead,
+      // so that its shuffle chain overlaps the next step.
+      float red_late = 0.f;  // G = 1: the channel sum of the step before, stored one step late
 #pragma unroll
-      for (int j = K - 1; j >= 0; --j) {
-        const int k = k0 + j;
-        const float4 x = my_x[k];  // (u, dt, dy, sigmoid)
-        const float u_k = x.x, dt = x.y, dy_k = x.z, dtu = dt * u_k;
-        float B_k[NT], C_k[NT], red[M];
-        read_states<NMAX, NT>(s_B, k, part, B_k);
-        read_states<NMAX, NT>(s_C, k, part, C_k);
-        float gB = 0.f, gaA2 = 0.f;
+      for (int j0 = K - G; j0 >= 0; j0 -= G) {
+        float out[G], red_sum[G];
 #pragma unroll
-        for (int i = 0; i < NT; ++i) {
-          const float g = carry[i] + dy_k * C_k[i];   // dLoss/dh_t
-          carry[i] = a[j][i] * g;
-          const float gha = carry[i] * hist[j][i];    // dLoss/da_t * a_t
-          dA_acc[i] += gha * dt;
-          gaA2 += gha * A2[i];
-          gB += g * B_k[i];
-          red[i] = g * dtu;                           // dB_t of state part * NT + i
-          red[NT + i] = dy_k * hist[j + 1][i];        // dC_t of state part * NT + i
+        for (int jj = G - 1; jj >= 0; --jj) {
+          const int j = j0 + jj, k = k0 + j;
+          const float4 x = my_x[k];  // (u, dt, dy, sigmoid)
+          const float u_k = x.x, dt = x.y, dy_k = x.z, dtu = dt * u_k;
+          float B_k[NT], C_k[NT], red[M];
+          read_states<NMAX, NT>(s_B, k, part, B_k);
+          read_states<NMAX, NT>(s_C, k, part, C_k);
+          float gB = 0.f, gaA2 = 0.f;
+#pragma unroll
+          for (int i = 0; i < NT; ++i) {
+            const float g = carry[i] + dy_k * C_k[i];   // dLoss/dh_t
+            carry[i] = a[j][i] * g;
+            const float gha = carry[i] * hist[j][i];    // dLoss/da_t * a_t
+            dA_acc[i] += gha * dt;
+            gaA2 += gha * A2[i];
+            gB += g * B_k[i];
+            red[i] = g * dtu;                           // dB_t of state part * NT + i
+            red[NT + i] = dy_k * hist[j + 1][i];        // dC_t of state part * NT + i
+          }
+          // Over the pair of lanes: even parts get sum g B, odd parts u sum g B + ln 2 sum g h a A2
+          // (d(dt)), each over the pair's states; the pairs' du and ddelta shares go to the record.
+          const float sum = pair_sum(gB, u_k * gB + kLn2 * gaA2, part);
+          out[jj] = (part & 1) ? sum * x.w : dt * sum + D_du * dy_k;  // ddelta (odd), du (even)
+          dD_acc += dy_k * u_k;
+          dbias_acc += out[jj];  // a share of the ddelta sum in odd parts
+          warp_sum_over_channels<M>(red, lane);
+          red_sum[jj] = red[0];
         }
-        // Over the pair of lanes: even parts get sum g B, odd parts u sum g B + ln 2 sum g h a A2
-        // (d(dt)), each over the pair's states; the pairs' du and ddelta shares go to the record.
-        const float sum = pair_sum(gB, u_k * gB + kLn2 * gaA2, part);
-        const float out = (part & 1) ? sum * x.w : dt * sum + D_du * dy_k;  // ddelta (odd), du (even)
-        dD_acc += dy_k * u_k;
-        dbias_acc += out;  // a share of the ddelta sum in odd parts
-        __syncwarp();  // all four lanes of the row have read record k
-        reinterpret_cast<float*>(my_x + k)[part] = out;
-        warp_sum_over_channels<M>(red, lane);
-        constexpr int kLog2M = M == 2 ? 1 : (M == 4 ? 2 : 3);
-        const int idx = (lane >> (5 - kLog2M)) % M;  // which of this part's values lane holds
-        if (((lane >> 2) & (32 / kSplit / M - 1)) == 0) {
-          const int n = part * NT + idx % NT, m = (idx / NT) * NMAX + n;
-          s_red[(warp * 2 * NMAX + m) * kChunk + k] = red[0];
+        __syncwarp();  // all four lanes of the row have read the group's records
+#pragma unroll
+        for (int jj = 0; jj < G; ++jj) reinterpret_cast<float*>(my_x + k0 + j0 + jj)[part] = out[jj];
+        if constexpr (G == 1) {
+          if (j0 < K - 1 && red_writer) my_red[k0 + j0 + 1] = red_late;
+          red_late = red_sum[0];
+        } else if (red_writer) {
+          store_group<G>(my_red + k0 + j0, red_sum);
         }
       }
+      if (G == 1 && red_writer) my_red[k0] = red_late;
     }
     __syncthreads();
   }
@@ -571,12 +623,13 @@ scan_bwd_kernel(const T* __restrict__ u, const T* __restrict__ delta, const floa
 // longer sums do not form the tail) sum dADb_part over the batch: column j of the per-batch-row
 // slab [d][NMAX + 2] is (d, k): dA (k < n), dD (k = NMAX), ddelta_bias (k = NMAX + 1). A block owns
 // 32 columns, one per lane; warp w sums batch rows w, w + 8, ... (16 loads in flight per round),
-// then warp 0 adds the 8 warps' sums in order. The other blocks: one thread per element (m, t) of
-// one batch row's dB, dC, summing the channel blocks' dBC_part.
+// then warp 0 adds the 8 warps' sums in order. The other blocks: 1024 elements (m, t) of one batch
+// row's dB, dC, 4 per thread (all their loads in flight), summing the channel blocks' dBC_part.
 constexpr int kFinishWarps = 8, kFinishThreads = kFinishWarps * 32, kFinishLoads = 16;
+constexpr int kFinishElems = 4, kFinishSpan = kFinishElems * kFinishThreads;  // dB, dC elements per thread, block
 
 template <typename T, int NMAX>
-__global__ void __launch_bounds__(kFinishThreads)
+__global__ void __launch_bounds__(kFinishThreads, 6)  // <= 40 registers: 6 blocks per SM
 scan_bwd_finish_kernel(const float* __restrict__ dBC_part, const float* __restrict__ dADb_part,
                        T* __restrict__ dB, T* __restrict__ dC, float* __restrict__ dA, float* __restrict__ dD,
                        float* __restrict__ ddelta_bias, ScanShape p, int channel_blocks, int adb_blocks) {
@@ -606,17 +659,29 @@ scan_bwd_finish_kernel(const float* __restrict__ dBC_part, const float* __restri
     else if (k == NMAX) dD[d] = sum;
     else if (k == NMAX + 1) ddelta_bias[d] = sum;
   } else {
-    const int per_row = 2 * n * p.len, row_blocks = (per_row + kFinishThreads - 1) / kFinishThreads;
+    const int per_row = 2 * n * p.len, row_blocks = (per_row + kFinishSpan - 1) / kFinishSpan;
     const int q = blockIdx.x - adb_blocks, b = q / row_blocks;
-    const int i = (q - b * row_blocks) * kFinishThreads + threadIdx.x;  // (m, t), m < 2 n
-    if (i >= per_row) return;
-    const int m = i / p.len, t = i - m * p.len;
-    const int row = m < n ? m : NMAX + m - n;  // dB rows 0.., dC rows NMAX.. of the partials
-    const float* src = dBC_part + ((int64_t)b * 2 * NMAX + row) * p.len + t;
+    const int i0 = (q - b * row_blocks) * kFinishSpan + threadIdx.x;
+    const float* part_b = dBC_part + (int64_t)b * 2 * NMAX * p.len;
     const int64_t part_step = (int64_t)p.batch * 2 * NMAX * p.len;
-    float sum = 0.f;
-    for (int k = 0; k < channel_blocks; ++k) sum += src[k * part_step];
-    (m < n ? dB : dC)[((int64_t)b * n + m % n) * p.len + t] = from_float<T>(sum);
+    const float* src[kFinishElems];
+    float sum[kFinishElems];
+#pragma unroll
+    for (int e = 0; e < kFinishElems; ++e) {
+      const int i = min(i0 + e * kFinishThreads, per_row - 1), m = i / p.len;  // (m, t), m < 2 n
+      const int row = m < n ? m : NMAX + m - n;  // dB rows 0.., dC rows NMAX.. of the partials
+      src[e] = part_b + row * p.len + (i - m * p.len);
+      sum[e] = 0.f;
+    }
+    for (int k = 0; k < channel_blocks; ++k) {
+#pragma unroll
+      for (int e = 0; e < kFinishElems; ++e) sum[e] += src[e][k * part_step];
+    }
+#pragma unroll
+    for (int e = 0; e < kFinishElems; ++e) {
+      const int i = i0 + e * kFinishThreads, m = i / p.len, t = i - m * p.len;
+      if (i < per_row) (m < n ? dB : dC)[((int64_t)b * n + m % n) * p.len + t] = from_float<T>(sum[e]);
+    }
   }
 }
 
@@ -632,12 +697,12 @@ dim3 block_grid(int batch, int dim, int* threads) {
 
 size_t fwd_smem(int threads, int nmax) {
   const int rows = threads / kSplit;
-  return sizeof(float4) * rows * kRowPad + sizeof(float) * 2 * kChunk * nmax + sizeof(float2) * rows;
+  return sizeof(float4) * rows * kRowPad + sizeof(float) * 2 * kChunk * (nmax + 4) + sizeof(float2) * rows;
 }
 size_t bwd_smem(int threads, int nmax) {
   const int rows = threads / kSplit;
-  return sizeof(float4) * rows * kRowPad + sizeof(float) * 2 * kChunk * nmax +
-         sizeof(float) * kMaxWarps * 2 * nmax * kChunk + sizeof(float2) * rows;
+  return sizeof(float4) * rows * kRowPad + sizeof(float) * 2 * kChunk * (nmax + 4) +
+         sizeof(float) * kMaxWarps * 2 * nmax * kRedPad + sizeof(float2) * rows;
 }
 
 template <typename T, int NMAX>
@@ -655,6 +720,16 @@ int launch_fwd(const ScanShape& p, const void* u, const void* delta, const float
   return cudaGetLastError();
 }
 
+// Streaming multiprocessors of the current device (queried once per device; no synchronisation).
+unsigned sm_count() {
+  static int cached[64] = {};
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return 132;
+  if (cached[dev] == 0 && cudaDeviceGetAttribute(&cached[dev], cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
+    return 132;
+  return cached[dev];
+}
+
 template <typename T, int NMAX>
 int launch_bwd(const ScanShape& p, const void* u, const void* delta, const float* A, const void* B, const void* C,
                const float* D, const float* delta_bias, const float* seg_state, const void* dy, void* du,
@@ -663,7 +738,10 @@ int launch_bwd(const ScanShape& p, const void* u, const void* delta, const float
   int threads;
   const dim3 grid = block_grid(p.batch, p.dim, &threads);
   const size_t smem = bwd_smem(threads, NMAX);
-  auto kernel = scan_bwd_kernel<T, NMAX>;
+  auto kernel = scan_bwd_kernel<T, NMAX, NMAX <= 8 ? 3 : 2>;
+  if constexpr (NMAX <= 8) {
+    if (grid.x * grid.y > 3u * sm_count()) kernel = scan_bwd_kernel<T, NMAX, 4>;
+  }
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   if (err != cudaSuccess) return err;
   kernel<<<grid, threads, smem, stream>>>(
@@ -673,7 +751,7 @@ int launch_bwd(const ScanShape& p, const void* u, const void* delta, const float
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   const int adb_blocks = (p.dim * (NMAX + 2) + 31) / 32;
-  const int64_t bc_blocks = p.batch * (int64_t)((2 * p.nstate * p.len + kFinishThreads - 1) / kFinishThreads);
+  const int64_t bc_blocks = p.batch * (int64_t)((2 * p.nstate * p.len + kFinishSpan - 1) / kFinishSpan);
   if (adb_blocks + bc_blocks > 2147483647) return -1;
   auto finish = scan_bwd_finish_kernel<T, NMAX>;
   finish<<<(unsigned)(adb_blocks + bc_blocks), kFinishThreads, 0, stream>>>(
