@@ -251,244 +251,63 @@ def random_crop_box(w, h, rng, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
 
 # RandAugment (Cubuk et al. 2020), policy `rand-m9-mstd0.5-inc1` of the official recipe: each image
 # gets 2 ops drawn uniformly with replacement from the 'increasing' set below, each applied with
-# probability 0.5, at a magnitude drawn per op from N(9, 0.5) and clipped to [0, 10] (level = magnitude
-# / 10). In the increasing set a larger level is always a stronger change. Signed ops flip their sign
-# at random; geometric ops fill with the mean colour and resample bilinear or bicubic at random.
-#
-# A loader worker draws each image's choices as a small "program" (`rand_augment_program`), then
-# either runs it with Pillow, as the official code does (`rand_augment`, the default), or ships it with
-# the uint8 picture so that `rand_augment_batch` runs it for the whole batch on the GPU (train.py
-# --gpu-randaugment). The GPU path uses Pillow's own arithmetic: the same lookup tables, blends (in
-# float32, truncated) and affine resampling (pixel-centre mapping, Pillow's a = -1 bicubic, edge
-# clamping, fill outside), so both give the same pictures (test_data.py checks it, op by op). It takes
-# about a quarter of a loader worker's time off the CPU and costs the GPU about 5 ms a training step
-# of T at batch 128: worth it only where the CPU cores cannot keep up with the GPU (BENCHMARKS.md).
+# probability 0.5, at a magnitude drawn per op from N(9, 0.5) and clipped to [0, 10]. In the
+# increasing set a larger magnitude is always a stronger change. Signed ops flip their sign at
+# random. Geometric ops fill with the mean colour and resample bilinear or bicubic at random.
 MAX_MAGNITUDE = 10.0
 FILL = tuple(round(255 * m) for m in IMAGENET_MEAN)
-RANDAUGMENT_OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasing", "SolarizeIncreasing",
-                   "SolarizeAdd", "ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing",
-                   "SharpnessIncreasing", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
-POINT_OPS = ("AutoContrast", "Equalize", "Invert", "PosterizeIncreasing", "SolarizeIncreasing", "SolarizeAdd")
-BLEND_OPS = ("ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing", "SharpnessIncreasing")
-GEOMETRIC_OPS = ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
 
 
-def _pillow_posterize(img, bits):
+def _signed(v, rng):
+    return -v if rng.random() < 0.5 else v
+
+
+def _affine(img, coeffs, rng):
+    return img.transform(img.size, Image.AFFINE, coeffs, resample=rng.choice(RANDOM_INTERPOLATIONS),
+                         fillcolor=FILL)
+
+
+def _posterize(img, bits):
     """Keep the top `bits` bits of each channel; 0 bits -> black (Pillow refuses bits = 0)."""
+    if bits >= 8:
+        return img
     return ImageOps.posterize(img, bits) if bits > 0 else Image.new("RGB", img.size)
 
 
-def _pillow_affine(img, coeffs, resample):
-    return img.transform(img.size, Image.AFFINE, coeffs, resample=resample, fillcolor=FILL)
+def _solarize_add(img, add, threshold=128):
+    lut = [min(255, i + add) if i < threshold else i for i in range(256)]
+    return img.point(lut * 3)
 
 
-PILLOW_OPS = {  # name -> f(img, level in [0, 1], sign +-1, Pillow resampling filter)
-    "AutoContrast": lambda img, v, s, r: ImageOps.autocontrast(img),
-    "Equalize": lambda img, v, s, r: ImageOps.equalize(img),
-    "Invert": lambda img, v, s, r: ImageOps.invert(img),
-    "Rotate": lambda img, v, s, r: img.rotate(s * (30 * v), resample=r, fillcolor=FILL),
-    "PosterizeIncreasing": lambda img, v, s, r: _pillow_posterize(img, 4 - int(4 * v)),
-    "SolarizeIncreasing": lambda img, v, s, r: ImageOps.solarize(img, 256 - int(256 * v)),
-    "SolarizeAdd": lambda img, v, s, r: img.point([min(255, i + int(110 * v)) if i < 128 else i for i in range(256)] * 3),
-    "ColorIncreasing": lambda img, v, s, r: ImageEnhance.Color(img).enhance(1 + s * (0.9 * v)),
-    "ContrastIncreasing": lambda img, v, s, r: ImageEnhance.Contrast(img).enhance(1 + s * (0.9 * v)),
-    "BrightnessIncreasing": lambda img, v, s, r: ImageEnhance.Brightness(img).enhance(1 + s * (0.9 * v)),
-    "SharpnessIncreasing": lambda img, v, s, r: ImageEnhance.Sharpness(img).enhance(1 + s * (0.9 * v)),
-    "ShearX": lambda img, v, s, r: _pillow_affine(img, (1, s * (0.3 * v), 0, 0, 1, 0), r),
-    "ShearY": lambda img, v, s, r: _pillow_affine(img, (1, 0, 0, s * (0.3 * v), 1, 0), r),
-    "TranslateXRel": lambda img, v, s, r: _pillow_affine(img, (1, 0, s * (0.45 * v) * img.size[0], 0, 1, 0), r),
-    "TranslateYRel": lambda img, v, s, r: _pillow_affine(img, (1, 0, 0, 0, 1, s * (0.45 * v) * img.size[1]), r),
+RANDAUGMENT_OPS = {  # name -> f(img, level in [0, 1], rng)
+    "AutoContrast": lambda img, v, rng: ImageOps.autocontrast(img),
+    "Equalize": lambda img, v, rng: ImageOps.equalize(img),
+    "Invert": lambda img, v, rng: ImageOps.invert(img),
+    "Rotate": lambda img, v, rng: img.rotate(_signed(30 * v, rng),
+                                             resample=rng.choice(RANDOM_INTERPOLATIONS), fillcolor=FILL),
+    "PosterizeIncreasing": lambda img, v, rng: _posterize(img, 4 - int(4 * v)),
+    "SolarizeIncreasing": lambda img, v, rng: ImageOps.solarize(img, 256 - int(256 * v)),
+    "SolarizeAdd": lambda img, v, rng: _solarize_add(img, int(110 * v)),
+    "ColorIncreasing": lambda img, v, rng: ImageEnhance.Color(img).enhance(1 + _signed(0.9 * v, rng)),
+    "ContrastIncreasing": lambda img, v, rng: ImageEnhance.Contrast(img).enhance(1 + _signed(0.9 * v, rng)),
+    "BrightnessIncreasing": lambda img, v, rng: ImageEnhance.Brightness(img).enhance(1 + _signed(0.9 * v, rng)),
+    "SharpnessIncreasing": lambda img, v, rng: ImageEnhance.Sharpness(img).enhance(1 + _signed(0.9 * v, rng)),
+    "ShearX": lambda img, v, rng: _affine(img, (1, _signed(0.3 * v, rng), 0, 0, 1, 0), rng),
+    "ShearY": lambda img, v, rng: _affine(img, (1, 0, 0, _signed(0.3 * v, rng), 1, 0), rng),
+    "TranslateXRel": lambda img, v, rng: _affine(img, (1, 0, _signed(0.45 * v, rng) * img.size[0], 0, 1, 0), rng),
+    "TranslateYRel": lambda img, v, rng: _affine(img, (1, 0, 0, 0, 1, _signed(0.45 * v, rng) * img.size[1]), rng),
 }
 
 
-def rand_augment_program(rng, num_ops=2, magnitude=9.0, magnitude_std=0.5, prob=0.5):
-    """One image's RandAugment draws as a float64 tensor (num_ops, 4), a row per op: (index into
-    RANDAUGMENT_OPS, or -1 where the op is skipped; level in [0, 1]; sign +-1; 1 bicubic / 0 bilinear)."""
-    rows = []
-    for _ in range(num_ops):
-        op = rng.randrange(len(RANDAUGMENT_OPS))
-        applied = rng.random() < prob
-        level = min(max(rng.gauss(magnitude, magnitude_std), 0.0), MAX_MAGNITUDE) / MAX_MAGNITUDE
-        sign = -1.0 if rng.random() < 0.5 else 1.0
-        bicubic = float(rng.random() < 0.5)
-        rows.append((op if applied else -1, level, sign, bicubic))
-    return torch.tensor(rows, dtype=torch.float64).view(num_ops, 4)
-
-
-def rand_augment(img, program):
-    """Run a RandAugment program on one PIL image with Pillow, as the official code does."""
-    for op, level, sign, bicubic in program.tolist():
-        if op >= 0:
-            img = PILLOW_OPS[RANDAUGMENT_OPS[int(op)]](img, level, sign, Image.BICUBIC if bicubic else Image.BILINEAR)
+def rand_augment(img, rng, num_ops=2, magnitude=9.0, magnitude_std=0.5, prob=0.5):
+    """Apply `num_ops` random ops of RANDAUGMENT_OPS (see the policy comment above)."""
+    names = list(RANDAUGMENT_OPS)
+    for name in [rng.choice(names) for _ in range(num_ops)]:
+        if rng.random() > prob:
+            continue
+        m = min(max(rng.gauss(magnitude, magnitude_std), 0.0), MAX_MAGNITUDE)
+        img = RANDAUGMENT_OPS[name](img, m / MAX_MAGNITUDE, rng)
     return img
-
-
-def _is_op(op, names):
-    """op: (G,) indices -> (G,) bool, True where the op is one of `names`."""
-    return torch.isin(op.long(), torch.tensor([RANDAUGMENT_OPS.index(n) for n in names], device=op.device))
-
-
-def _point_ops(x, p):
-    """Ops that map each grey level through a table of 256 per picture and channel: uint8 (G, 3, H, W),
-    program rows p (G, 4) -> uint8 (G, 3, H, W)."""
-    g = x.shape[0]
-    flat = x.reshape(g, 3, -1).long()                                                    # (G, 3, H W)
-    hist = torch.zeros(g, 3, 256, dtype=torch.long, device=x.device).scatter_add_(2, flat, torch.ones_like(flat))
-    i = torch.arange(256, device=x.device).expand(g, 3, 256)                            # (G, 3, 256) levels
-    op, level = p[:, 0].long().view(g, 1, 1), p[:, 1].view(g, 1, 1)
-    # AutoContrast: each channel's [lo, hi] stretched to [0, 255], truncated
-    lo = torch.where(hist > 0, i, 255).amin(2, keepdim=True)                           # (G, 3, 1)
-    hi = torch.where(hist > 0, i, 0).amax(2, keepdim=True)
-    scale = 255.0 / (hi - lo).clamp(min=1).double()
-    autocontrast = torch.where(hi > lo, (i * scale + (-lo * scale)).floor().clamp(0, 255).long(), i)
-    # Equalize: level -> (step / 2 + pixels below it) // step, step = pixels below the top level / 255
-    step = (flat.shape[2] - hist.gather(2, hi)) // 255                                  # (G, 3, 1)
-    below = hist.cumsum(2) - hist
-    equalize = torch.where(step > 0, ((step // 2 + below) // step.clamp(min=1)).clamp(max=255), i)
-    bits = 4 - (4 * level).floor().long()                                               # bits kept: 4..0
-    threshold = 256 - (256 * level).floor().long()
-    tables = {"AutoContrast": autocontrast, "Equalize": equalize, "Invert": 255 - i,
-              "PosterizeIncreasing": i & ((0xFF << (8 - bits)) & 0xFF),
-              "SolarizeIncreasing": torch.where(i < threshold, i, 255 - i),
-              "SolarizeAdd": torch.where(i < 128, (i + (110 * level).floor().long()).clamp(max=255), i)}
-    lut = i
-    for name, table in tables.items():
-        lut = torch.where(op == RANDAUGMENT_OPS.index(name), table, lut)
-    return lut.gather(2, flat).to(torch.uint8).view(x.shape)
-
-
-def _grey(x):
-    """Pillow's RGB -> L, (299 R + 587 G + 114 B) / 1000 in 16-bit fixed point: (G, 3, H, W) -> (G, 1, H, W)."""
-    r, g, b = x.long().unbind(1)
-    return ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16).unsqueeze(1)
-
-
-def _smooth(x):
-    """Pillow's SMOOTH filter (3 x 3 kernel 1 1 1 / 1 5 1 / 1 1 1 over 13, rounded), border pixels kept."""
-    g, c, h, w = x.shape
-    kernel = torch.tensor([[1.0, 1, 1], [1, 5, 1], [1, 1, 1]], device=x.device).view(1, 1, 3, 3) / 13
-    inner = torch.nn.functional.conv2d(x.float().reshape(g * c, 1, h, w), kernel)     # (G 3, 1, H - 2, W - 2)
-    out = x.float()
-    out[:, :, 1:-1, 1:-1] = (inner.view(g, c, h - 2, w - 2) + 0.5).floor().clamp(0, 255)
-    return out
-
-
-def _blend_ops(x, p):
-    """Ops that blend the picture with a degenerate one, out = degenerate + factor (x - degenerate),
-    factor = 1 +- 0.9 level (Pillow's Image.blend in float32, truncated): black (Brightness), its grey
-    (Color), its mean grey (Contrast), its smoothed self (Sharpness). uint8 (G, 3, H, W), program rows
-    p (G, 4) -> uint8 (G, 3, H, W)."""
-    g = x.shape[0]
-    op = p[:, 0].long().view(g, 1, 1, 1)
-    factor = (1 + p[:, 2] * (0.9 * p[:, 1])).float().view(g, 1, 1, 1)
-    grey = _grey(x)                                                                       # (G, 1, H, W)
-    degenerate = torch.zeros_like(x, dtype=torch.float32)
-    for name, image in (("ColorIncreasing", grey.float()),
-                        ("ContrastIncreasing", (grey.double().mean((1, 2, 3), keepdim=True) + 0.5).floor().float()),
-                        ("SharpnessIncreasing", _smooth(x))):
-        degenerate = torch.where(op == RANDAUGMENT_OPS.index(name), image, degenerate)
-    return (degenerate + factor * (x.float() - degenerate)).clamp(0, 255).trunc().to(torch.uint8)
-
-
-def _affine_matrix(name, level, sign, w, h):
-    """Pillow's inverse map of a geometric op: output pixel (x, y) samples the input at (a X + b Y + c,
-    d X + e Y + f), X = x + 0.5, Y = y + 0.5; returns (a, b, c, d, e, f) as Pillow computes them."""
-    if name == "Rotate":  # by 30 level degrees about the centre
-        angle = -math.radians((sign * (30 * level)) % 360.0)
-        cos, sin = round(math.cos(angle), 15), round(math.sin(angle), 15)
-        cx, cy = w / 2, h / 2
-        return cos, sin, cos * -cx + sin * -cy + 0.0 + cx, -sin, cos, -sin * -cx + cos * -cy + 0.0 + cy
-    shift = {"ShearX": (0.0, 0.3 * level, 0.0, 0.0), "ShearY": (0.0, 0.0, 0.3 * level, 0.0),
-             "TranslateXRel": (0.45 * level * w, 0.0, 0.0, 0.0), "TranslateYRel": (0.0, 0.0, 0.0, 0.45 * level * h)}
-    c, b, d, f = (sign * v for v in shift[name])
-    return 1.0, b, c, d, 1.0, f
-
-
-def _cubic(v1, v2, v3, v4, t):
-    """Pillow's cubic through 4 neighbouring samples, at offset t in [0, 1) past v2 (the a = -1 kernel)."""
-    return v2 + t * ((v3 - v1) + t * ((2 * (v1 - v2) + v3 - v4) + t * (v2 - v1 - v3 + v4)))
-
-
-def _geometric_ops(x, m, bicubic):
-    """Rotate, shear, translate with one resampling filter: uint8 (G, 3, H, W), the ops' affine maps
-    m (G, 6) (`_affine_matrix`) -> uint8 (G, 3, H, W). Input positions outside the picture get the fill
-    colour; neighbours past its edge repeat it."""
-    g, c, h, w = x.shape
-    m = m.view(g, 6, 1, 1)
-    ys, xs = torch.meshgrid(torch.arange(h, device=x.device, dtype=torch.float64) + 0.5,
-                            torch.arange(w, device=x.device, dtype=torch.float64) + 0.5, indexing="ij")  # (H, W)
-    sx, sy = m[:, 0] * xs + m[:, 1] * ys + m[:, 2], m[:, 3] * xs + m[:, 4] * ys + m[:, 5]  # (G, H, W) input
-    inside = ((sx >= 0) & (sx < w) & (sy >= 0) & (sy < h)).unsqueeze(1)                 # (G, 1, H, W)
-    sx, sy = sx - 0.5, sy - 0.5                                                           # pixel-centre coords
-    x0, y0 = sx.floor(), sy.floor()
-    tx, ty = (sx - x0).unsqueeze(1), (sy - y0).unsqueeze(1)                               # (G, 1, H, W)
-    taps = range(-1, 3) if bicubic else range(2)
-    cols = [(x0.long() + k).clamp(0, w - 1) for k in taps]
-    src = x.reshape(g, c, h * w).double()
-
-    def interpolate(v, t):  # v: the taps' values, t: the offset past the second (bicubic) or first one
-        return _cubic(*v, t) if bicubic else v[0] + (v[1] - v[0]) * t
-
-    def row(k):  # input row y0 + k, interpolated along x: (G, 3, H, W)
-        offsets = (y0.long() + k).clamp(0, h - 1) * w
-        return interpolate([src.gather(2, (offsets + col).view(g, 1, -1).expand(g, c, -1)).view(g, c, h, w)
-                            for col in cols], tx)
-
-    v = interpolate([row(k) for k in taps], ty).clamp(0, 255).trunc()
-    fill = torch.tensor(FILL, device=x.device, dtype=torch.float64).view(1, 3, 1, 1)
-    return torch.where(inside, v, fill).to(torch.uint8)
-
-
-def _bilinear_ops(x, m):
-    return _geometric_ops(x, m, bicubic=False)
-
-
-def _bicubic_ops(x, m):
-    return _geometric_ops(x, m, bicubic=True)
-
-
-def _to_device(t, device):
-    """A CPU tensor on `device` without making the host wait: through pinned memory to a GPU."""
-    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
-
-
-_FUSED = {}  # function -> its torch.compile'd form, for the GPU
-
-
-def _fused(fn, device):
-    """On a GPU, `fn` compiled for any group size: a few fused kernels instead of ~100 small ones,
-    whose launches would cost more than the work. Elsewhere, `fn` itself."""
-    if device.type != "cuda":
-        return fn
-    if fn not in _FUSED:
-        _FUSED[fn] = torch.compile(fn, dynamic=True, fullgraph=True)
-    return _FUSED[fn]
-
-
-def rand_augment_batch(x, programs):
-    """Run each picture's RandAugment program: x uint8 (B, 3, S, S) on any device, programs (B, num_ops,
-    4) on the CPU (stacked `rand_augment_program`s) -> a new uint8 batch. Op slot by op slot, the
-    pictures whose op falls in one group (point ops, blends, geometric ops with bilinear, with bicubic
-    resampling) are gathered and processed together; the groups are read on the CPU, so the host never
-    waits for the device."""
-    x = x.clone()
-    h, w = x.shape[2:]
-    for slot in range(programs.shape[1]):
-        p = programs[:, slot]                                                              # (B, 4)
-        op, bicubic = p[:, 0], p[:, 3] > 0
-        geometric = _is_op(op, GEOMETRIC_OPS)
-        for members, apply in ((_is_op(op, POINT_OPS), _point_ops), (_is_op(op, BLEND_OPS), _blend_ops),
-                               (geometric & ~bicubic, _bilinear_ops), (geometric & bicubic, _bicubic_ops)):
-            rows = members.nonzero().flatten()                                               # (G,) on the CPU
-            if len(rows) == 0:
-                continue
-            args = p[rows]
-            if apply in (_bilinear_ops, _bicubic_ops):
-                args = torch.tensor([_affine_matrix(RANDAUGMENT_OPS[int(o)], level, sign, w, h)
-                                     for o, level, sign, _ in args.tolist()], dtype=torch.float64)  # (G, 6)
-            index = _to_device(rows, x.device)
-            x[index] = _fused(apply, x.device)(x[index], _to_device(args, x.device))
-    return x
 
 
 def erase_box(h, w, rng, prob=0.25, scale=(0.02, 1 / 3), ratio=(0.3, 1 / 0.3)):
@@ -524,26 +343,17 @@ def normalize_and_erase(x, boxes, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     return torch.where(inside[:, None], torch.randn_like(x), x)
 
 
-def augment_on_device(x, boxes, programs):
-    """The training transform's steps that run batched on the batch's device: RandAugment (programs on
-    the CPU), then normalising and erasing. uint8 (B, 3, S, S) -> normalised float32 (B, 3, S, S)."""
-    return normalize_and_erase(rand_augment_batch(x, programs), boxes)
-
-
 class TrainTransform:
-    """The official training pipeline: PIL image, rng -> (uint8 tensor (3, S, S), erase box (4,),
-    RandAugment program left to run (2, 4) with `gpu_randaugment`, else (0, 4)). The loader ships
-    uint8 pictures with these draws; `augment_on_device` finishes the batch on the GPU (RandAugment
-    there if asked, normalising, erasing).
+    """The official training pipeline: PIL image, rng -> (uint8 tensor (3, S, S), erase box (4,)).
+    The loader ships uint8 pictures and boxes; normalize_and_erase finishes the batch on the GPU.
 
     With `draft` (the default), `ImageFolder` calls `load(path, rng)` and then `finish`, so that a
     JPEG is decoded at a reduced scale when its crop box is large enough (`load_rgb_for_crop`).
     The crop box is drawn on the full image size either way, so the crops' distribution is unchanged.
     """
 
-    def __init__(self, img_size, randaugment=True, erase_prob=0.25, draft=True, gpu_randaugment=False):
+    def __init__(self, img_size, randaugment=True, erase_prob=0.25, draft=True):
         self.img_size, self.randaugment, self.erase_prob, self.draft = img_size, randaugment, erase_prob, draft
-        self.gpu_randaugment = gpu_randaugment
 
     def __call__(self, img, rng=random):
         return self.finish(img, random_crop_box(*img.size, rng), rng)
@@ -553,15 +363,14 @@ class TrainTransform:
         return load_rgb_for_crop(path, lambda w, h: random_crop_box(w, h, rng), self.img_size)
 
     def finish(self, img, box, rng):
-        """Crop `box` resized to S x S, then flip, RandAugment (or only its draws); the erasing box."""
+        """Crop `box` resized to S x S, then flip, RandAugment; draw the random erasing box."""
         img = img.resize((self.img_size, self.img_size), rng.choice(RANDOM_INTERPOLATIONS), box=box)
         if rng.random() < 0.5:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
-        program = rand_augment_program(rng, num_ops=2 if self.randaugment else 0)
-        if not self.gpu_randaugment:
-            img, program = rand_augment(img, program), program[:0]
+        if self.randaugment:
+            img = rand_augment(img, rng)
         erase = erase_box(self.img_size, self.img_size, rng, self.erase_prob) if self.erase_prob > 0 else (0, 0, 0, 0)
-        return to_uint8_tensor(img), torch.tensor(erase), program
+        return to_uint8_tensor(img), torch.tensor(erase)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -820,12 +629,11 @@ def bench(args):
         kb = np.mean([os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder)]) / 1e3
         print(f"{args.images} JPEGs of {args.size[0]} x {args.size[1]} px, quality {args.quality}, "
               f"{kb:.0f} KB on average; training transform to {args.img_size} px (RandAugment "
-              f"{'on' if args.randaugment else 'off'}{', run on the GPU' if args.gpu_randaugment else ''}, random "
-              f"erasing 0.25) to uint8 pictures (normalising and the erase noise run on the GPU); torch threads 1")
+              f"{'on' if args.randaugment else 'off'}, random erasing 0.25) to uint8 pictures + erase boxes "
+              f"(normalising and the erase noise run on the GPU); torch threads 1")
         torch.set_num_threads(1)
         for draft in args.draft:
-            transform = TrainTransform(args.img_size, bool(args.randaugment), 0.25, draft=draft,
-                                       gpu_randaugment=bool(args.gpu_randaugment))
+            transform = TrainTransform(args.img_size, bool(args.randaugment), 0.25, draft=draft)
             ds = ImageFolder(root, transform)
             paths = [path for path, _ in ds.samples][:512]  # the one-process timings
 
@@ -855,7 +663,7 @@ def bench(args):
                 for _ in loader:  # the first epoch starts the (persistent) workers; the second is timed
                     pass
                 n, t0 = 0, None
-                for k, ((x, _, _), _) in enumerate(loader):  # ((uint8 pictures, erase boxes, programs), labels)
+                for k, ((x, _), _) in enumerate(loader):  # ((uint8 pictures, erase boxes), labels)
                     n += x.shape[0] if t0 is not None else 0
                     if k == workers - 1:  # every worker's first batch is in: the steady state starts
                         t0 = time.perf_counter()
@@ -863,27 +671,6 @@ def bench(args):
                 print(f"draft {'on ' if draft else 'off'}: DataLoader, {workers} worker(s): {rate:.0f} "
                       f"images/s, {rate / workers:.0f} per worker")
                 del loader
-        if torch.cuda.is_available():
-            bench_device_steps(ds, 128)  # a training batch
-
-
-def bench_device_steps(dataset, batch_size, repeats=20):
-    """GPU time of `augment_on_device` on one batch of the dataset's pictures (median of `repeats`)."""
-    items = [dataset[(i % len(dataset), i)][0] for i in range(batch_size)]
-    x, boxes, programs = (torch.stack(t) for t in zip(*items))
-    x, boxes = x.cuda(), boxes.cuda()
-    times = []
-    for _ in range(repeats + 3):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        augment_on_device(x, boxes, programs)
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    ms = sorted(times[3:])[repeats // 2]
-    applied = int((programs[:, :, 0] >= 0).sum())
-    print(f"on the GPU ({torch.cuda.get_device_name()}): RandAugment ({applied} ops applied in a batch of "
-          f"{batch_size}) + normalise + erase: {ms:.2f} ms a batch, {1000 * batch_size / ms:.0f} images/s")
 
 
 def main():
@@ -898,8 +685,6 @@ def main():
     p.add_argument("--quality", type=int, default=90, help="JPEG quality")
     p.add_argument("--img-size", type=int, default=224, help="training image side")
     p.add_argument("--randaugment", type=int, choices=(0, 1), default=1, help="RandAugment on/off")
-    p.add_argument("--gpu-randaugment", type=int, choices=(0, 1), default=0,
-                   help="leave RandAugment to the GPU (train.py --gpu-randaugment) and time it there")
     p.add_argument("--batch-size", type=int, default=32, help="loader batch size")
     p.add_argument("--repeat", type=int, default=3, help="passes per timing; the fastest counts")
     p.add_argument("--draft", type=int, nargs="+", choices=(0, 1), default=[0, 1],

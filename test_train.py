@@ -198,18 +198,6 @@ def test_kill_and_resume_equals_the_straight_run(demo_dir, tmp_path):
             assert torch.equal(ckpt["optimizer"]["state"][i]["exp_avg"], s["exp_avg"])
 
 
-def test_gpu_randaugment_trains_exactly_like_the_loader_path(demo_dir, tmp_path):
-    # the same draws run by Pillow in the loader or batched on the device give the same pictures
-    flags = ["--data-dir", demo_dir, *TINY_FLAGS, "--deterministic", "--max-steps", "4"]
-    for name, extra in (("loader", []), ("device", ["--gpu-randaugment"])):
-        r = run_train(*flags, *extra, "--output-dir", str(tmp_path / name))
-        assert r.returncode == 0, r.stderr[-2000:]
-    a, b = load(tmp_path / "loader" / "last.pt"), load(tmp_path / "device" / "last.pt")
-    assert a["step"] == b["step"] == 4
-    for k, v in a["model"].items():
-        assert torch.equal(b["model"][k], v), k
-
-
 def test_accumulation_on_one_process_equals_two_processes(demo_dir, tmp_path):
     # 1 process accumulating 2 micro-batches of 4 and 2 processes of 4 each see the same micro-batches
     # with the same seeds (augmentation, mixup/cutmix, drop path: all on), and both average the two

@@ -100,8 +100,6 @@ def get_parser():
     p.add_argument("--cutmix", type=float, help="cutmix alpha, 0 = off (recipe: 1.0)")
     p.add_argument("--randaugment", type=int, choices=(0, 1), help="RandAugment rand-m9-mstd0.5-inc1 on/off")
     p.add_argument("--reprob", type=float, help="random erasing probability (recipe: 0.25)")
-    p.add_argument("--gpu-randaugment", action="store_true", help="run RandAugment batched on the GPU instead "
-                   "of in the loader workers (same pictures): for when the CPU cores cannot keep up")
     p.add_argument("--img-size", type=int, help="training and evaluation image side (recipe: 224)")
     p.add_argument("--window-size", type=int, nargs=4, help="override the model's 4 window sizes")
     p.add_argument("--model-overrides", type=json.loads, default={},
@@ -471,9 +469,8 @@ class CudaGraphStep:
 
 def train_step(model, ema, optimizer, scaler, micro_batches, seeds, args, num_classes, use_mesa, autocast,
                no_sync=contextlib.nullcontext, graph=None):
-    """One optimizer step over a list of micro-batches [(uint8 x, erase boxes, RandAugment programs,
-    labels)], each with its seed: per micro-batch RandAugment, normalising and erasing on the device
-    (data.augment_on_device), mixup/cutmix, forward,
+    """One optimizer step over a list of micro-batches [(uint8 x, erase boxes, labels)], each with its
+    seed: per micro-batch normalising and erasing (data.normalize_and_erase), mixup/cutmix, forward,
     loss (+ MESA), backward of loss / len(micro_batches); then clip, optimizer step, EMA update.
     Returns (mean loss, grad_norm) as tensors on the device; a non-finite grad_norm means the update
     was skipped (identical on every rank, since the gradients are averaged by then).
@@ -481,9 +478,9 @@ def train_step(model, ema, optimizer, scaler, micro_batches, seeds, args, num_cl
     ranks here, in one collective, after the replay."""
     loss_sum = 0.0
     scale = lambda loss: scaler.scale(loss / len(micro_batches))  # noqa: E731  .grad: the micro-batch mean
-    for m, ((x, boxes, programs, labels), seed) in enumerate(zip(micro_batches, seeds)):
+    for m, ((x, boxes, labels), seed) in enumerate(zip(micro_batches, seeds)):
         torch.manual_seed(seed)  # erase noise and drop path draw from the global generator
-        x = data.augment_on_device(x, boxes, programs)  # uint8 -> augmented, normalised float32
+        x = data.normalize_and_erase(x, boxes)  # uint8 -> normalised float32, the boxes filled with noise
         x, target = data.mixup_cutmix(x, labels, num_classes, random.Random(seed), args.mixup, args.cutmix,
                                       smoothing=args.smoothing)
         if graph is not None:
@@ -576,10 +573,10 @@ def train_one_epoch(epoch, state, loader, ema, args, ctx):
             micro_batches, step_wait = [], 0.0
             for _ in range(args.accum_steps):
                 t_wait = time.perf_counter()
-                (x, boxes, programs), labels = next(batches)
+                (x, boxes), labels = next(batches)
                 step_wait += time.perf_counter() - t_wait
                 x = x.to(ctx["device"], non_blocking=True).contiguous(memory_format=torch.channels_last)
-                micro_batches.append((x, boxes.to(ctx["device"], non_blocking=True), programs,
+                micro_batches.append((x, boxes.to(ctx["device"], non_blocking=True),
                                       labels.to(ctx["device"], non_blocking=True)))
             # micro-step m of rank r holds the sampler's chunk m x world + r of this step's images: the
             # same chunk, and so the same seed, as rank m x world + r of a run without accumulation
@@ -630,16 +627,13 @@ def benchmark(args, device, log):
     x = torch.randint(0, 256, (args.batch_size, 3, args.img_size, args.img_size), dtype=torch.uint8, device=device)
     boxes = torch.tensor([data.erase_box(args.img_size, args.img_size, random.Random(i), args.reprob)
                           for i in range(args.batch_size)], device=device)  # (batch, 4), about reprob of them boxes
-    ops = 2 if args.randaugment and args.gpu_randaugment else 0  # else RandAugment is the loader's work
-    programs = torch.stack([data.rand_augment_program(random.Random(i), num_ops=ops)
-                            for i in range(args.batch_size)])  # (batch, ops, 4) on the CPU, as the loader gives
     labels = torch.randint(0, 1000, (args.batch_size,), device=device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     use_mesa = ema is not None and args.mesa > 0  # MESA's extra EMA forward, as late in training
 
     def run(n):
         for i in range(n):
-            micro_batches = [(x.clone().contiguous(memory_format=torch.channels_last), boxes, programs, labels)
+            micro_batches = [(x.clone().contiguous(memory_format=torch.channels_last), boxes, labels)
                              for _ in range(args.accum_steps)]
             train_step(step_model, ema, optimizer, scaler, micro_batches, [i] * args.accum_steps, args, 1000,
                        use_mesa, autocast, no_sync, graph)
@@ -658,7 +652,7 @@ def benchmark(args, device, log):
     log(f"benchmark: variant {args.variant}, {args.world_size} process(es) x batch {args.batch_size} x "
         f"{args.accum_steps} micro-steps, {args.img_size} px, amp {args.amp}, opt {args.opt}, "
         f"EMA {'on' if ema else 'off'}, MESA {'on' if use_mesa else 'off'}, compile {args.compile}, "
-        f"CUDA graph {args.cuda_graph}, RandAugment on the GPU {args.gpu_randaugment}: "
+        f"CUDA graph {args.cuda_graph}: "
         f"{images / seconds:.0f} images/s ({images / seconds / args.world_size:.0f} per process), "
         f"{1000 * seconds / args.benchmark_steps:.1f} ms/step, peak memory {peak:.2f} GiB"
         + (" (warm-up and capture included)" if graph is not None else ""))
@@ -703,8 +697,7 @@ def build_data(args, rank, world, device):
     train_dir, val_dir = os.path.join(args.data_dir, "train"), os.path.join(args.data_dir, "val")
     classes = data.list_classes(train_dir)
     data.check_same_classes(classes, data.list_classes(val_dir))
-    train_set = data.ImageFolder(train_dir, data.TrainTransform(args.img_size, args.randaugment, args.reprob,
-                                                                   gpu_randaugment=args.gpu_randaugment),
+    train_set = data.ImageFolder(train_dir, data.TrainTransform(args.img_size, args.randaugment, args.reprob),
                                  classes=classes)
     v = VARIANTS[args.variant]
     val_set = data.ImageFolder(val_dir, data.eval_transform(args.img_size, v["crop_pct"], v["crop_mode"]),
