@@ -614,18 +614,10 @@ def make_photo_dataset(root, train_images, val_images, classes=10, size=(500, 37
 def bench(args):
     """Decode + training transform images/s, per process and through DataLoader workers, with and
     without JPEG draft mode, on freshly written JPEGs of the given size."""
-    rng = np.random.default_rng(0)
-    with tempfile.TemporaryDirectory() as root:
+    with tempfile.TemporaryDirectory() as tmp:
+        root = os.path.join(make_photo_dataset(tmp, args.images, 0, classes=1, size=args.size,
+                                               quality=args.quality), "train")
         folder = os.path.join(root, "class0")
-        os.makedirs(folder)
-        unique = []
-        for _ in range(16):  # 16 distinct pictures, each written under several names
-            buffer = io.BytesIO()
-            Image.fromarray(photo_like(rng, args.size[0], args.size[1])).save(buffer, "JPEG", quality=args.quality)
-            unique.append(buffer.getvalue())
-        for k in range(args.images):
-            with open(os.path.join(folder, f"{k:05d}.JPEG"), "wb") as f:
-                f.write(unique[k % 16])
         kb = np.mean([os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder)]) / 1e3
         print(f"{args.images} JPEGs of {args.size[0]} x {args.size[1]} px, quality {args.quality}, "
               f"{kb:.0f} KB on average; training transform to {args.img_size} px (RandAugment "
@@ -644,16 +636,16 @@ def bench(args):
                     reduced += img.size[0] < args.size[0]
                 return reduced
 
-            def best_rate(fn):  # images/s of the fastest of --repeat passes (the machine may be busy)
+            def best_rate(fn):  # (images/s of the fastest of --repeat passes, fn's result); the machine may be busy
                 times = []
                 for _ in range(args.repeat):
                     t0 = time.perf_counter()
-                    fn()
+                    result = fn()
                     times.append(time.perf_counter() - t0)
-                return len(paths) / min(times)
+                return len(paths) / min(times), result
 
-            decode, reduced = best_rate(decode_all), decode_all()
-            whole = best_rate(lambda: [ds[(i, i)] for i in range(len(paths))])
+            decode, reduced = best_rate(decode_all)
+            whole, _ = best_rate(lambda: [ds[(i, i)] for i in range(len(paths))])
             print(f"draft {'on ' if draft else 'off'}: one process: decode {decode:.0f} images/s "
                   f"({100 * reduced / len(paths):.0f}% at reduced scale), decode + transform {whole:.0f} "
                   f"images/s ({1000 / whole:.2f} ms an image)")

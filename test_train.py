@@ -313,9 +313,7 @@ def test_resume_on_another_world_size_at_the_same_global_batch(demo_dir, tmp_pat
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [5, 10, 15]  # one line per epoch, from three runs
     assert all(math.isfinite(m["train_loss"]) and m["train_loss"] < 3.0 for m in metrics)  # ln 10 = 2.30
-    with pytest.raises(subprocess.CalledProcessError):  # a different global batch is still refused
-        r = run_train(*flags, "--batch-size", "4", "--epochs", "4")
-        r.check_returncode()
+    r = run_train(*flags, "--batch-size", "4", "--epochs", "4")  # a different global batch is still refused
     assert r.returncode == 2 and "global batch 8 (now 4)" in r.stderr
 
 

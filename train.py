@@ -597,8 +597,9 @@ def train_one_epoch(epoch, state, loader, ema, args, ctx):
                                     f"--lr, use --amp bf16, or resume from an earlier checkpoint")
             if finite:
                 loss_sum, n_steps = loss_sum + loss, n_steps + 1
-            images += len(micro_batches) * x.shape[0] * args.world_size
-            state["images"] += len(micro_batches) * x.shape[0] * args.world_size
+            step_images = len(micro_batches) * x.shape[0] * args.world_size
+            images += step_images
+            state["images"] += step_images
             bar.update(1)
             steps_run += 1
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", img_s=f"{images / (time.time() - t0):.0f}",
@@ -806,8 +807,8 @@ def run(args, rank, world, device):
         log(f"resumed from {resume}: epoch {state['epoch']}, step {state['step']}, {state['images']} images"
             + (f" (global batch {global_batch(old)} as {old['world_size']} x {old['batch_size']} x "
                f"{old.get('accum_steps', 1)} processes x batch x micro-steps, now {world} x {args.batch_size} x "
-               f"{args.accum_steps})" if global_batch(old) != old["world_size"] * args.batch_size * args.accum_steps
-               or old["world_size"] != world else ""))
+               f"{args.accum_steps})" if (old["world_size"], old["batch_size"], old.get("accum_steps", 1))
+               != (world, args.batch_size, args.accum_steps) else ""))
 
     last_save = [time.time()]
 
