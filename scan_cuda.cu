@@ -52,7 +52,8 @@
 // Reductions are deterministic: dB, dC are summed over a block's channels by fixed-order warp
 // shuffles and shared memory, then written as per-block partials; dA, dD, ddelta_bias are written
 // per (b, d); a second small kernel (scan_bwd_finish_kernel) sums the partials in a fixed order
-// (a block of 256 threads per 32 dA, dD, ddelta_bias elements; those blocks run first) and writes
+// (a block of 256 threads per 32 dA, dD, ddelta_bias elements, run first; then 4 consecutive dB or
+// dC elements per thread where n l is a multiple of 4 (vector loads and stores), else 1) and writes
 // the final gradients (dB, dC in the inputs' dtype). No atomics.
 //
 // The file includes no PyTorch header, so that it builds in seconds: scan.py allocates every
@@ -429,7 +430,7 @@ scan_bwd_kernel(const T* __restrict__ u, const T* __restrict__ delta, const floa
                 const T* __restrict__ Bs, const T* __restrict__ Cs, const float* __restrict__ Dskip,
                 const float* __restrict__ delta_bias, const float* __restrict__ seg_state,  // from the forward
                 const T* __restrict__ dy, T* __restrict__ du, T* __restrict__ ddelta,
-                float* __restrict__ dBC_part,    // [gridDim.y][b][2 NMAX][l]: dB rows, then dC rows
+                float* __restrict__ dBC_part,    // [gridDim.y][b][2][n][l]: dB rows, then dC rows
                 float* __restrict__ dADb_part,   // [b][d][NMAX + 2]: dA, dD, ddelta_bias
                 ScanShape p) {
   constexpr int NT = NMAX / kSplit, K = kSegLen<NMAX>;
@@ -493,19 +494,19 @@ scan_bwd_kernel(const T* __restrict__ u, const T* __restrict__ delta, const floa
   float dD_acc = 0.f, dbias_acc = 0.f;
   const int n_chunks = (p.len + kChunk - 1) / kChunk;
   // Writes chunk t0's du, ddelta (from the records) and its dB, dC partials: the warps' sums in
-  // s_red added in a fixed order; warp w writes rows m = w, w + warps, ... of the [2 NMAX][l] slab,
-  // one token per lane.
+  // s_red added in a fixed order; warp w writes rows m = w, w + warps, ... of s_red (dB of state m,
+  // then dC of state m - NMAX), the real states' ones into the [2][n][l] slab, one token per lane.
   auto flush = [&](int t0) {
     tile.store_rows<T, 2>({du_b, ddelta_b}, s_x, t0);
-    float* out = dBC_part + ((int64_t)blockIdx.y * p.batch + b) * 2 * NMAX * p.len + t0 + lane;
+    float* out = dBC_part + ((int64_t)blockIdx.y * p.batch + b) * 2 * p.nstate * p.len + t0 + lane;
 #pragma unroll
     for (int q = 0; q < (2 * NMAX + kMinWarps - 1) / kMinWarps; ++q) {
-      const int m = warp + q * warps;
-      if (m < 2 * NMAX && t0 + lane < p.len) {
+      const int m = warp + q * warps, state = m % NMAX;
+      if (m < 2 * NMAX && state < p.nstate && t0 + lane < p.len) {
         float sum = 0.f;
 #pragma unroll
         for (int w = 0; w < kMaxWarps; ++w) sum += s_red[(w * 2 * NMAX + m) * kRedPad + lane];  // absent warps: 0
-        out[m * p.len] = sum;
+        out[((m / NMAX) * p.nstate + state) * p.len] = sum;
       }
     }
   };
@@ -623,12 +624,19 @@ scan_bwd_kernel(const T* __restrict__ u, const T* __restrict__ delta, const floa
 // longer sums do not form the tail) sum dADb_part over the batch: column j of the per-batch-row
 // slab [d][NMAX + 2] is (d, k): dA (k < n), dD (k = NMAX), ddelta_bias (k = NMAX + 1). A block owns
 // 32 columns, one per lane; warp w sums batch rows w, w + 8, ... (16 loads in flight per round),
-// then warp 0 adds the 8 warps' sums in order. The other blocks: 1024 elements (m, t) of one batch
-// row's dB, dC, 4 per thread (all their loads in flight), summing the channel blocks' dBC_part.
+// then warp 0 adds the 8 warps' sums in order. The other blocks sum the channel blocks' dBC_part
+// for one batch row b: its [2][n][l] slab is laid out as dB[b] followed by dC[b], so a thread sums
+// V consecutive elements (V = 4 where n l is a multiple of 4: vector loads and stores, no index
+// division) over the channel blocks and writes them to dB or dC.
 constexpr int kFinishWarps = 8, kFinishThreads = kFinishWarps * 32, kFinishLoads = 16;
-constexpr int kFinishElems = 4, kFinishSpan = kFinishElems * kFinishThreads;  // dB, dC elements per thread, block
+constexpr int kFinishBlockLoads = 4;  // channel blocks' partials loaded per round
 
-template <typename T, int NMAX>
+template <typename T, int V>  // V consecutive elements, one aligned vector access
+struct alignas(sizeof(T) * V) Vec {
+  T x[V];
+};
+
+template <typename T, int NMAX, int V>
 __global__ void __launch_bounds__(kFinishThreads, 6)  // <= 40 registers: 6 blocks per SM
 scan_bwd_finish_kernel(const float* __restrict__ dBC_part, const float* __restrict__ dADb_part,
                        T* __restrict__ dB, T* __restrict__ dC, float* __restrict__ dA, float* __restrict__ dD,
@@ -659,29 +667,28 @@ scan_bwd_finish_kernel(const float* __restrict__ dBC_part, const float* __restri
     else if (k == NMAX) dD[d] = sum;
     else if (k == NMAX + 1) ddelta_bias[d] = sum;
   } else {
-    const int per_row = 2 * n * p.len, row_blocks = (per_row + kFinishSpan - 1) / kFinishSpan;
+    const int nl = n * p.len, row_blocks = (2 * nl / V + kFinishThreads - 1) / kFinishThreads;
     const int q = blockIdx.x - adb_blocks, b = q / row_blocks;
-    const int i0 = (q - b * row_blocks) * kFinishSpan + threadIdx.x;
-    const float* part_b = dBC_part + (int64_t)b * 2 * NMAX * p.len;
-    const int64_t part_step = (int64_t)p.batch * 2 * NMAX * p.len;
-    const float* src[kFinishElems];
-    float sum[kFinishElems];
+    const int i = ((q - b * row_blocks) * kFinishThreads + threadIdx.x) * V;  // element of the [2][n][l] slab
+    if (i >= 2 * nl) return;
+    const int64_t part_step = (int64_t)p.batch * 2 * nl;  // between channel blocks
+    const float* src = dBC_part + (int64_t)b * 2 * nl + i;
+    float sum[V] = {};
+    for (int k0 = 0; k0 < channel_blocks; k0 += kFinishBlockLoads) {  // in rounds of loads all in flight
+      Vec<float, V> x[kFinishBlockLoads] = {};
 #pragma unroll
-    for (int e = 0; e < kFinishElems; ++e) {
-      const int i = min(i0 + e * kFinishThreads, per_row - 1), m = i / p.len;  // (m, t), m < 2 n
-      const int row = m < n ? m : NMAX + m - n;  // dB rows 0.., dC rows NMAX.. of the partials
-      src[e] = part_b + row * p.len + (i - m * p.len);
-      sum[e] = 0.f;
-    }
-    for (int k = 0; k < channel_blocks; ++k) {
+      for (int k = 0; k < kFinishBlockLoads; ++k)
+        if (k0 + k < channel_blocks) x[k] = *reinterpret_cast<const Vec<float, V>*>(src + (k0 + k) * part_step);
 #pragma unroll
-      for (int e = 0; e < kFinishElems; ++e) sum[e] += src[e][k * part_step];
-    }
+      for (int k = 0; k < kFinishBlockLoads; ++k)
 #pragma unroll
-    for (int e = 0; e < kFinishElems; ++e) {
-      const int i = i0 + e * kFinishThreads, m = i / p.len, t = i - m * p.len;
-      if (i < per_row) (m < n ? dB : dC)[((int64_t)b * n + m % n) * p.len + t] = from_float<T>(sum[e]);
+        for (int e = 0; e < V; ++e) sum[e] += x[k].x[e];
     }
+    Vec<T, V> out;
+#pragma unroll
+    for (int e = 0; e < V; ++e) out.x[e] = from_float<T>(sum[e]);
+    T* dst = (i < nl ? dB + i : dC + (i - nl)) + (int64_t)b * nl;
+    *reinterpret_cast<Vec<T, V>*>(dst) = out;
   }
 }
 
@@ -751,9 +758,11 @@ int launch_bwd(const ScanShape& p, const void* u, const void* delta, const float
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   const int adb_blocks = (p.dim * (NMAX + 2) + 31) / 32;
-  const int64_t bc_blocks = p.batch * (int64_t)((2 * p.nstate * p.len + kFinishSpan - 1) / kFinishSpan);
+  const bool vec4 = p.nstate * p.len % 4 == 0;
+  const int per_thread = vec4 ? 4 : 1, row_span = per_thread * kFinishThreads;
+  const int64_t bc_blocks = p.batch * (int64_t)((2 * p.nstate * p.len + row_span - 1) / row_span);
   if (adb_blocks + bc_blocks > 2147483647) return -1;
-  auto finish = scan_bwd_finish_kernel<T, NMAX>;
+  auto finish = vec4 ? scan_bwd_finish_kernel<T, NMAX, 4> : scan_bwd_finish_kernel<T, NMAX, 1>;
   finish<<<(unsigned)(adb_blocks + bc_blocks), kFinishThreads, 0, stream>>>(
       dBC_part, dADb_part, static_cast<T*>(dB), static_cast<T*>(dC), dA, dD, ddelta_bias, p, (int)grid.y,
       adb_blocks);
