@@ -164,56 +164,53 @@ struct Tile {
         nvalid(warp < valid_rows ? min(kRowsPerWarp, (valid_rows - warp + warps - 1) / warps) : 0),
         tok_base(warp < valid_rows ? warp * len_ : 0), row_step(warps * len_) {}
 
-  // Load token t0 + lane of this thread's 8 rows of R tensors (b, d, l) (pointers at (b, d0, 0))
-  // as float. Tensors in the bit mask kZero read 0 for rows past the channel count and tokens past
-  // l; the others read the clamped address's (finite) value.
-  template <typename T, int R, unsigned kZero>
-  __device__ __forceinline__ void load_rows(const T* const (&src)[R], int t0, float (&v)[R][kRowsPerWarp]) const {
+  // Load token t0 + lane of this thread's 8 rows of R tensors (b, d, l) (pointers at (b, d0, 0)),
+  // raw: rows past the channel count and tokens past l read the clamped address's (finite) value.
+  // Conversion and any masking (row_ok) belong to the consumer, after the code that the loads are
+  // to overlap: an instruction that reads a loaded register waits for the load, and one placed
+  // next to the load (in the same basic block) would end the overlap right there.
+  template <typename T, int R>
+  __device__ __forceinline__ void load_rows(const T* const (&src)[R], int t0, T (&v)[R][kRowsPerWarp]) const {
     const int t = t0 + lane;
-    const bool tok_ok = t < len;
-    const unsigned tc = tok_ok ? t : len - 1;
+    const unsigned tc = t < len ? t : len - 1;
     const int jmax = max(nvalid - 1, 0);
 #pragma unroll
     for (int j = 0; j < kRowsPerWarp; ++j) {
-      const bool ok = tok_ok && j < nvalid;
       const unsigned off = tok_base + (unsigned)min(j, jmax) * row_step + tc;
 #pragma unroll
-      for (int a = 0; a < R; ++a) {
-        const float x = to_float(__ldg(src[a] + off));
-        v[a][j] = ((kZero >> a) & 1u) && !ok ? 0.f : x;
-      }
+      for (int a = 0; a < R; ++a) v[a][j] = __ldg(src[a] + off);
     }
   }
 
-  // Load token t0 + lane of S state tensors (b, n, l) (pointers at (b, 0, 0)) as float: v[s][i] is
+  // Whether load_rows' row j at token t0 + lane is real (a channel < dim, a token < l).
+  __device__ __forceinline__ bool row_ok(int t0, int j) const { return t0 + lane < len && j < nvalid; }
+
+  // Load token t0 + lane of S state tensors (b, n, l) (pointers at (b, 0, 0)), raw: v[s][i] is
   // state n = warp + i * warps of tensor s (the warps share the NMAX states). States past nstate
-  // read 0 (their A, B, C must be 0), tokens past l the clamped address's value.
+  // read state 0 and tokens past l the clamped address; store_states zeroes the former.
   template <typename T, int NMAX, int S>
   __device__ __forceinline__ void load_states(const T* const (&src)[S], int nstate, int t0,
-                                              float (&v)[S][kStateLoads<NMAX>]) const {
+                                              T (&v)[S][kStateLoads<NMAX>]) const {
     const unsigned tc = min(t0 + lane, len - 1);
 #pragma unroll
     for (int i = 0; i < kStateLoads<NMAX>; ++i) {
       const int n = warp + i * warps;
-      const bool ok = n < nstate;
-      const unsigned off = (ok ? (unsigned)n * len : 0u) + tc;
+      const unsigned off = (n < nstate ? (unsigned)n * len : 0u) + tc;
 #pragma unroll
-      for (int s = 0; s < S; ++s) {
-        const float x = to_float(__ldg(src[s] + off));
-        v[s][i] = ok ? x : 0.f;
-      }
+      for (int s = 0; s < S; ++s) v[s][i] = __ldg(src[s] + off);
     }
   }
 
-  // Store what load_states loaded into S consecutive tiles [kChunk][kStatePitch] at dst.
-  template <int NMAX, int S>
-  __device__ __forceinline__ void store_states(const float (&v)[S][kStateLoads<NMAX>], float* dst) const {
+  // Store what load_states loaded, as float, into S consecutive tiles [kChunk][kStatePitch] at dst;
+  // states past nstate as 0 (their A, B, C must be 0).
+  template <typename T, int NMAX, int S>
+  __device__ __forceinline__ void store_states(const T (&v)[S][kStateLoads<NMAX>], int nstate, float* dst) const {
 #pragma unroll
     for (int i = 0; i < kStateLoads<NMAX>; ++i) {
       const int n = warp + i * warps;
 #pragma unroll
       for (int s = 0; s < S; ++s)
-        if (n < NMAX) dst[(s * kChunk + lane) * kStatePitch<NMAX> + n] = v[s][i];
+        if (n < NMAX) dst[(s * kChunk + lane) * kStatePitch<NMAX> + n] = n < nstate ? to_float(v[s][i]) : 0.f;
     }
   }
 
@@ -364,23 +361,23 @@ scan_fwd_kernel(const T* __restrict__ u, const T* __restrict__ delta, const floa
   for (int i = 0; i < NT; ++i) h[i] = 0.f;
   // A chunk's inputs are loaded into registers one chunk ahead: their latency hides behind the
   // token loop of the chunk before.
-  float v[2][kRowsPerWarp], bc[2][kStateLoads<NMAX>];  // u, delta; B, C
-  tile.load_rows<T, 2, 0u>({u_b, delta_b}, 0, v);
+  T v[2][kRowsPerWarp], bc[2][kStateLoads<NMAX>];  // u, delta; B, C
+  tile.load_rows<T, 2>({u_b, delta_b}, 0, v);
   tile.load_states<T, NMAX, 2>({B_b, C_b}, p.nstate, 0, bc);
   __syncthreads();  // s_par
 
   for (int t0 = 0; t0 < p.len; t0 += kChunk) {
-    tile.store_states<NMAX, 2>(bc, s_B);
+    tile.store_states<T, NMAX, 2>(bc, p.nstate, s_B);
 #pragma unroll
     for (int j = 0; j < kRowsPerWarp; ++j) {
       const int r = tile.warp + j * tile.warps;
       const float2 par = s_par[r];
-      const float x = v[1][j] + par.x;
+      const float u_j = to_float(v[0][j]), x = to_float(v[1][j]) + par.x;
       const float dt = p.softplus ? Softplus(x).value : x;
-      s_x[r * kRowPad + tile.lane] = make_float4(dt, dt * v[0][j], par.y * v[0][j], 0.f);
+      s_x[r * kRowPad + tile.lane] = make_float4(dt, dt * u_j, par.y * u_j, 0.f);
     }
     if (t0 + kChunk < p.len) {
-      tile.load_rows<T, 2, 0u>({u_b, delta_b}, t0 + kChunk, v);
+      tile.load_rows<T, 2>({u_b, delta_b}, t0 + kChunk, v);
       tile.load_states<T, NMAX, 2>({B_b, C_b}, p.nstate, t0 + kChunk, bc);
     }
     __syncthreads();
@@ -483,9 +480,9 @@ scan_bwd_kernel(const T* __restrict__ u, const T* __restrict__ delta, const floa
 
   float carry[NT];   // a_{t+1} g_{t+1}: the gradient reaching h_t through h_{t+1}
   float dA_acc[NT];
-  // The entering states of the next two segments to visit, prefetched two segments ahead: the
-  // compiler issues a load at the end of the segment loop's body, so one segment ahead would leave
-  // its latency exposed at the next segment's first step.
+  // The entering states of the next two segments to visit, prefetched two segments ahead. They
+  // move up (next_state2 -> next_state) at the end of a segment's steps, before the next load into
+  // next_state2 is issued: a copy right after that load would wait for it.
   float next_state[NT], next_state2[NT];
 #pragma unroll
   for (int i = 0; i < NT; ++i) carry[i] = dA_acc[i] = 0.f;
@@ -514,20 +511,21 @@ scan_bwd_kernel(const T* __restrict__ u, const T* __restrict__ delta, const floa
     const int t0 = chunk * kChunk, len = min(kChunk, p.len - t0);
     {
       // The chunk's loads fly while the chunk after it (done before) writes its outputs.
-      float v[3][kRowsPerWarp], bc[2][kStateLoads<NMAX>];
-      tile.load_rows<T, 3, 0b101u>({u_b, delta_b, dy_b}, t0, v);
+      T v[3][kRowsPerWarp], bc[2][kStateLoads<NMAX>];
+      tile.load_rows<T, 3>({u_b, delta_b, dy_b}, t0, v);
       tile.load_states<T, NMAX, 2>({B_b, C_b}, p.nstate, t0, bc);
       if (chunk < n_chunks - 1) flush(t0 + kChunk);
       // Then the chunk's staging overwrites the records this thread has just written out and
       // s_B, s_C (read before the last barrier); s_red is written after the barrier below.
-      tile.store_states<NMAX, 2>(bc, s_B);
+      tile.store_states<T, NMAX, 2>(bc, p.nstate, s_B);
 #pragma unroll
       for (int j = 0; j < kRowsPerWarp; ++j) {
         const int r = tile.warp + j * tile.warps;
-        const float x = v[1][j] + s_par[r].x;
+        const bool ok = tile.row_ok(t0, j);  // u = dy = 0 past the channel count and past l
+        const float x = to_float(v[1][j]) + s_par[r].x;
         const Softplus sp(x);
-        s_x[r * kRowPad + tile.lane] =
-            make_float4(v[0][j], p.softplus ? sp.value : x, v[2][j], p.softplus ? sp.slope : 1.f);
+        s_x[r * kRowPad + tile.lane] = make_float4(ok ? to_float(v[0][j]) : 0.f, p.softplus ? sp.value : x,
+                                                   ok ? to_float(v[2][j]) : 0.f, p.softplus ? sp.slope : 1.f);
       }
     }
     __syncthreads();
@@ -539,9 +537,7 @@ scan_bwd_kernel(const T* __restrict__ u, const T* __restrict__ delta, const floa
 #pragma unroll
       for (int i = 0; i < NT; ++i) {
         hist[0][i] = next_state[i];
-        next_state[i] = next_state2[i];
       }
-      load_state<NT>(my_seg_state(max(seg - 2, 0)), next_state2);
 #pragma unroll
       for (int j = 0; j < K; ++j) {
         const float4 x = my_x[k0 + j];
@@ -605,6 +601,9 @@ scan_bwd_kernel(const T* __restrict__ u, const T* __restrict__ delta, const floa
         }
       }
       if (G == 1 && red_writer) my_red[k0] = red_late;
+#pragma unroll
+      for (int i = 0; i < NT; ++i) next_state[i] = next_state2[i];
+      load_state<NT>(my_seg_state(max(seg - 2, 0)), next_state2);
     }
     __syncthreads();
   }
