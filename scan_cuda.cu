@@ -171,7 +171,8 @@ struct Tile {
   // next to the load (in the same basic block) would end the overlap right there.
   template <typename T, int R>
   __device__ __forceinline__ void load_rows(const T* const (&src)[R], int t0, T (&v)[R][kRowsPerWarp]) const {
-    const unsigned tc = min(max(t0 + lane, 0), len - 1);
+    const int t = t0 + lane;
+    const unsigned tc = t < len ? t : len - 1;
     const int jmax = max(nvalid - 1, 0);
 #pragma unroll
     for (int j = 0; j < kRowsPerWarp; ++j) {
@@ -181,9 +182,8 @@ struct Tile {
     }
   }
 
-  // Whether load_rows' row j at token t0 + lane is real (a channel < dim, a token in [0, l)).
-  __device__ __forceinline__ bool row_ok(int t0, int j) const { return tok_ok(t0) && j < nvalid; }
-  __device__ __forceinline__ bool tok_ok(int t0) const { return (unsigned)(t0 + lane) < (unsigned)len; }
+  // Whether load_rows' row j at token t0 + lane is real (a channel < dim, a token < l).
+  __device__ __forceinline__ bool row_ok(int t0, int j) const { return t0 + lane < len && j < nvalid; }
 
   // Load token t0 + lane of S state tensors (b, n, l) (pointers at (b, 0, 0)), raw: v[s][i] is
   // state n = warp + i * warps of tensor s (the warps share the NMAX states). States past nstate
@@ -191,7 +191,7 @@ struct Tile {
   template <typename T, int NMAX, int S>
   __device__ __forceinline__ void load_states(const T* const (&src)[S], int nstate, int t0,
                                               T (&v)[S][kStateLoads<NMAX>]) const {
-    const unsigned tc = min(max(t0 + lane, 0), len - 1);
+    const unsigned tc = min(t0 + lane, len - 1);
 #pragma unroll
     for (int i = 0; i < kStateLoads<NMAX>; ++i) {
       const int n = warp + i * warps;
@@ -221,7 +221,7 @@ struct Tile {
   __device__ __forceinline__ void store_rows(T* const (&dst)[W], const float4* s, int t0) const {
     static_assert(W == 1 || W == 2, "one or two outputs per record");
     const int t = t0 + lane;
-    if (!tok_ok(t0)) return;
+    if (t >= len) return;
     const float4* rec = s + warp * kRowPad + lane;  // record of row warp + j * warps
     const int rec_step = warps * kRowPad;
     unsigned off = tok_base + t;
@@ -489,38 +489,32 @@ scan_bwd_kernel(const T* __restrict__ u, const T* __restrict__ delta, const floa
   load_state<NT>(my_seg_state(n_seg - 1), next_state);
   load_state<NT>(my_seg_state(max(n_seg - 2, 0)), next_state2);
   float dD_acc = 0.f, dbias_acc = 0.f;
-  // Chunk boundaries: in half of the blocks ((b ^ channel block) odd) they sit half a chunk
-  // earlier, chunk c covering tokens [c kChunk - shift, (c + 1) kChunk - shift), where the last
-  // chunk's slack allows it (0 < l % kChunk <= kChunk / 2: as many chunks). The blocks of an SM and
-  // of the GPU then load their chunks at two different times instead of all at once. Tokens before
-  // 0 read u = dy = 0; their segments (shift is a multiple of K) are skipped.
-  const int shift = (p.len % kChunk != 0 && p.len % kChunk <= kChunk / 2 && ((b ^ blockIdx.y) & 1)) ? kChunk / 2 : 0;
+  const int n_chunks = (p.len + kChunk - 1) / kChunk;
   // Writes chunk t0's du, ddelta (from the records) and its dB, dC partials: the warps' sums in
   // s_red added in a fixed order; warp w writes rows m = w, w + warps, ... of s_red (dB of state m,
   // then dC of state m - NMAX), the real states' ones into the [2][n][l] slab, one token per lane.
   auto flush = [&](int t0) {
     tile.store_rows<T, 2>({du_b, ddelta_b}, s_x, t0);
-    float* out = dBC_part + ((int64_t)blockIdx.y * p.batch + b) * 2 * p.nstate * p.len;
+    float* out = dBC_part + ((int64_t)blockIdx.y * p.batch + b) * 2 * p.nstate * p.len + t0 + lane;
 #pragma unroll
     for (int q = 0; q < (2 * NMAX + kMinWarps - 1) / kMinWarps; ++q) {
       const int m = warp + q * warps, state = m % NMAX;
-      if (m < 2 * NMAX && state < p.nstate && tile.tok_ok(t0)) {
+      if (m < 2 * NMAX && state < p.nstate && t0 + lane < p.len) {
         float sum = 0.f;
 #pragma unroll
         for (int w = 0; w < kMaxWarps; ++w) sum += s_red[(w * 2 * NMAX + m) * kRedPad + lane];  // absent warps: 0
-        out[((m / NMAX) * p.nstate + state) * p.len + t0 + lane] = sum;
+        out[((m / NMAX) * p.nstate + state) * p.len] = sum;
       }
     }
   };
-  int t0 = (p.len + shift - 1) / kChunk * kChunk - shift;  // the last chunk's first token
-  for (; t0 > -kChunk; t0 -= kChunk) {
-    const int len = min(kChunk, p.len - t0);
+  for (int chunk = n_chunks - 1; chunk >= 0; --chunk) {
+    const int t0 = chunk * kChunk, len = min(kChunk, p.len - t0);
     {
       // The chunk's loads fly while the chunk after it (done before) writes its outputs.
       T v[3][kRowsPerWarp], bc[2][kStateLoads<NMAX>];
       tile.load_rows<T, 3>({u_b, delta_b, dy_b}, t0, v);
       tile.load_states<T, NMAX, 2>({B_b, C_b}, p.nstate, t0, bc);
-      if (t0 + kChunk < p.len) flush(t0 + kChunk);
+      if (chunk < n_chunks - 1) flush(t0 + kChunk);
       // Then the chunk's staging overwrites the records this thread has just written out and
       // s_B, s_C (read before the last barrier); s_red is written after the barrier below.
       tile.store_states<T, NMAX, 2>(bc, p.nstate, s_B);
@@ -537,7 +531,6 @@ scan_bwd_kernel(const T* __restrict__ u, const T* __restrict__ delta, const floa
     __syncthreads();
     for (int s = (len - 1) / K; s >= 0; --s) {
       const int k0 = s * K, seg = (t0 + k0) / K;
-      if (t0 + k0 < 0) break;  // a shifted first chunk: the segments before token 0
       // The segment's states and decays: hist[j + 1] = h at token k0 + j, hist[0] = entering state,
       // a[j] = exp(dt A) at token k0 + j.
       float hist[K + 1][NT], a[K][NT];
@@ -614,7 +607,7 @@ scan_bwd_kernel(const T* __restrict__ u, const T* __restrict__ delta, const floa
     }
     __syncthreads();
   }
-  flush(t0 + kChunk);  // the first chunk
+  flush(0);
   dbias_acc += __shfl_xor_sync(0xffffffffu, dbias_acc, 2);  // parts 1 and 3
   if (active) {
     float* out = dADb_part + ((int64_t)b * p.dim + d) * (NMAX + 2);
