@@ -11,13 +11,15 @@
 // of the states in registers. A block owns one batch row b and 16..64 channels (4..8 warps). It
 // stages kChunk = 32 tokens at a time in shared memory: every thread loads one token of 8 rows per
 // tensor (coalesced, all loads in flight before the first use, 32-bit offsets, rows past the
-// channel count and tokens past l clamped to a valid address and zeroed by a select, no predicated
-// address arithmetic), turns delta into dt = softplus(delta + delta_bias) once per element, and
+// channel count and tokens past l clamped to a valid address, zeroed by a select where it matters,
+// no predicated address arithmetic), turns delta into dt = softplus(delta + delta_bias) once per element, and
 // writes one 16-byte record per (row, token), so that each lane reads everything it needs of a
 // token with one vector load:
 //     forward  x = (dt, dt u, D u, 0)       backward  x = (u, dt, dy, sigmoid(delta + delta_bias))
 // The loads are issued early: the forward loads chunk c + 1 into registers before chunk c's token
-// loop, the backward loads chunk c before it writes out chunk c + 1's results. B and C (shared by
+// loop, the backward loads chunk c before it writes out chunk c + 1's results; the loaded values
+// stay raw (no conversion, no select) until the staging that uses them, since an instruction that
+// reads a loaded register waits for the load. B and C (shared by
 // all channels) are staged once per block, transposed to [token][NMAX]. States beyond the real n
 // (when n < NMAX) have A = B = C = 0 and stay zero. Tokens are processed in unrolled, branch-free
 // segments of K tokens (K = 8 for NMAX 8, 4 for NMAX 16).
@@ -26,8 +28,8 @@
 // record, each writes its partial result over one field of it (forward: its share of y; backward:
 // its pair's shares of du and ddelta), and the phase that writes the chunk's outputs adds them.
 // For n <= 8 both kernels fit 64 registers, so that 4 blocks of 8 warps share an SM (B stage 3's
-// 512 blocks run in one wave). Where the grid fits one wave at 3 blocks per SM (T stage 3), the
-// backward runs an 80-register instance. Lanes write their per-token results in groups of tokens
+// 512 blocks run in one wave). Where the grid fits one wave at 3 blocks per SM (T stage 3), both
+// run an 80-register instance. Lanes write their per-token results in groups of tokens
 // (forward 4, backward 2 at 80 registers, 1 at 64), after the group's reads, so that the group's
 // steps (shared-memory loads, exp2, shuffle chains) overlap.
 //
@@ -320,8 +322,11 @@ __device__ __forceinline__ void stage_params(float2* s_par, const float* delta_b
     s_par[r] = r < valid_rows ? make_float2(delta_bias[d0 + r], Dskip[d0 + r]) : make_float2(0.f, 0.f);
 }
 
-template <typename T, int NMAX>
-__global__ void __launch_bounds__(kMaxWarps * 32, NMAX <= 8 ? 4 : 3)  // 64 / 80 registers, no spills
+// MIN_BLOCKS per SM: 3 (80 registers) for n > 8 and where the grid fits one wave at 3 blocks per SM
+// (T stage 3), else 4 (64 registers: B stage 3's 512 blocks in one wave). At 64 registers the
+// chunk prefetched in registers leaves the token loop one record in flight at a time.
+template <typename T, int NMAX, int MIN_BLOCKS>
+__global__ void __launch_bounds__(kMaxWarps * 32, MIN_BLOCKS)  // no spills
 scan_fwd_kernel(const T* __restrict__ u, const T* __restrict__ delta, const float* __restrict__ A,
                 const T* __restrict__ Bs, const T* __restrict__ Cs, const float* __restrict__ Dskip,
                 const float* __restrict__ delta_bias, T* __restrict__ y,
@@ -420,7 +425,9 @@ scan_fwd_kernel(const T* __restrict__ u, const T* __restrict__ delta, const floa
 // one wave at 3 blocks per SM (T stage 3: 384 blocks, 396 slots), else 4 (64 registers, 55 KB of
 // shared memory for 8 warps: B stage 3's 512 blocks in one wave). G: tokens per group of reverse
 // steps whose shared-memory writes wait for the group's end (the steps of a group overlap), as
-// many as the registers fit without spills: 4 at 128 registers, 2 at 80, 1 at 64.
+// many as the registers fit without spills in the token loops: 4 at 128 registers, 2 at 80, 1 at
+// 64. (At 128 registers, 12-19 loop-invariant values live in local memory, reloaded once per chunk,
+// while the chunk's raw loads fly; the n <= 8 instances spill nothing.)
 template <typename T, int NMAX, int MIN_BLOCKS>
 __global__ void __launch_bounds__(kMaxWarps * 32, MIN_BLOCKS)
 scan_bwd_kernel(const T* __restrict__ u, const T* __restrict__ delta, const float* __restrict__ A,
@@ -711,21 +718,6 @@ size_t bwd_smem(int threads, int nmax) {
          sizeof(float) * kMaxWarps * 2 * nmax * kRedPad + sizeof(float2) * rows;
 }
 
-template <typename T, int NMAX>
-int launch_fwd(const ScanShape& p, const void* u, const void* delta, const float* A, const void* B, const void* C,
-               const float* D, const float* delta_bias, void* y, float* seg_state, cudaStream_t stream) {
-  int threads;
-  const dim3 grid = block_grid(p.batch, p.dim, &threads);
-  const size_t smem = fwd_smem(threads, NMAX);
-  auto kernel = scan_fwd_kernel<T, NMAX>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-  if (err != cudaSuccess) return err;
-  kernel<<<grid, threads, smem, stream>>>(static_cast<const T*>(u), static_cast<const T*>(delta), A,
-                                          static_cast<const T*>(B), static_cast<const T*>(C), D, delta_bias,
-                                          static_cast<T*>(y), seg_state, p);
-  return cudaGetLastError();
-}
-
 // Streaming multiprocessors of the current device (queried once per device; no synchronisation).
 unsigned sm_count() {
   static int cached[64] = {};
@@ -734,6 +726,24 @@ unsigned sm_count() {
   if (cached[dev] == 0 && cudaDeviceGetAttribute(&cached[dev], cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
     return 132;
   return cached[dev];
+}
+
+template <typename T, int NMAX>
+int launch_fwd(const ScanShape& p, const void* u, const void* delta, const float* A, const void* B, const void* C,
+               const float* D, const float* delta_bias, void* y, float* seg_state, cudaStream_t stream) {
+  int threads;
+  const dim3 grid = block_grid(p.batch, p.dim, &threads);
+  const size_t smem = fwd_smem(threads, NMAX);
+  auto kernel = scan_fwd_kernel<T, NMAX, 3>;
+  if constexpr (NMAX <= 8) {
+    if (grid.x * grid.y > 3u * sm_count()) kernel = scan_fwd_kernel<T, NMAX, 4>;
+  }
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+  if (err != cudaSuccess) return err;
+  kernel<<<grid, threads, smem, stream>>>(static_cast<const T*>(u), static_cast<const T*>(delta), A,
+                                          static_cast<const T*>(B), static_cast<const T*>(C), D, delta_bias,
+                                          static_cast<T*>(y), seg_state, p);
+  return cudaGetLastError();
 }
 
 template <typename T, int NMAX>
