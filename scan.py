@@ -217,7 +217,7 @@ def _kernel_bwd_buffers(u, A):
     return dict(du=torch.empty_like(u), ddelta=torch.empty_like(u), dA=torch.empty(dim, n, **f32),
                 dB=u.new_empty(batch, n, length), dC=u.new_empty(batch, n, length),
                 dD=torch.empty(dim, **f32), ddelta_bias=torch.empty(dim, **f32),
-                dBC_part=torch.empty(lib.mv_scan_channel_blocks(dim), batch, 2 * nmax, length, **f32),
+                dBC_part=torch.empty(lib.mv_scan_channel_blocks(dim), batch, 2 * n, length, **f32),
                 dADb_part=torch.empty(batch, dim, nmax + 2, **f32))
 
 

@@ -11,13 +11,15 @@
 // of the states in registers. A block owns one batch row b and 16..64 channels (4..8 warps). It
 // stages kChunk = 32 tokens at a time in shared memory: every thread loads one token of 8 rows per
 // tensor (coalesced, all loads in flight before the first use, 32-bit offsets, rows past the
-// channel count and tokens past l clamped to a valid address and zeroed by a select, no predicated
-// address arithmetic), turns delta into dt = softplus(delta + delta_bias) once per element, and
+// channel count and tokens past l clamped to a valid address, zeroed by a select where it matters,
+// no predicated address arithmetic), turns delta into dt = softplus(delta + delta_bias) once per element, and
 // writes one 16-byte record per (row, token), so that each lane reads everything it needs of a
 // token with one vector load:
 //     forward  x = (dt, dt u, D u, 0)       backward  x = (u, dt, dy, sigmoid(delta + delta_bias))
 // The loads are issued early: the forward loads chunk c + 1 into registers before chunk c's token
-// loop, the backward loads chunk c before it writes out chunk c + 1's results. B and C (shared by
+// loop, the backward loads chunk c before it writes out chunk c + 1's results; the loaded values
+// stay raw (no conversion, no select) until the staging that uses them, since an instruction that
+// reads a loaded register waits for the load. B and C (shared by
 // all channels) are staged once per block, transposed to [token][NMAX]. States beyond the real n
 // (when n < NMAX) have A = B = C = 0 and stay zero. Tokens are processed in unrolled, branch-free
 // segments of K tokens (K = 8 for NMAX 8, 4 for NMAX 16).
@@ -26,8 +28,8 @@
 // record, each writes its partial result over one field of it (forward: its share of y; backward:
 // its pair's shares of du and ddelta), and the phase that writes the chunk's outputs adds them.
 // For n <= 8 both kernels fit 64 registers, so that 4 blocks of 8 warps share an SM (B stage 3's
-// 512 blocks run in one wave). Where the grid fits one wave at 3 blocks per SM (T stage 3), the
-// backward runs an 80-register instance. Lanes write their per-token results in groups of tokens
+// 512 blocks run in one wave). Where the grid fits one wave at 3 blocks per SM (T stage 3), both
+// run an 80-register instance. Lanes write their per-token results in groups of tokens
 // (forward 4, backward 2 at 80 registers, 1 at 64), after the group's reads, so that the group's
 // steps (shared-memory loads, exp2, shuffle chains) overlap.
 //
@@ -52,7 +54,8 @@
 // Reductions are deterministic: dB, dC are summed over a block's channels by fixed-order warp
 // shuffles and shared memory, then written as per-block partials; dA, dD, ddelta_bias are written
 // per (b, d); a second small kernel (scan_bwd_finish_kernel) sums the partials in a fixed order
-// (a block of 256 threads per 32 dA, dD, ddelta_bias elements; those blocks run first) and writes
+// (a block of 256 threads per 32 dA, dD, ddelta_bias elements, run first; then 4 consecutive dB or
+// dC elements per thread where n l is a multiple of 4 (vector loads and stores), else 1) and writes
 // the final gradients (dB, dC in the inputs' dtype). No atomics.
 //
 // The file includes no PyTorch header, so that it builds in seconds: scan.py allocates every
@@ -163,56 +166,53 @@ struct Tile {
         nvalid(warp < valid_rows ? min(kRowsPerWarp, (valid_rows - warp + warps - 1) / warps) : 0),
         tok_base(warp < valid_rows ? warp * len_ : 0), row_step(warps * len_) {}
 
-  // Load token t0 + lane of this thread's 8 rows of R tensors (b, d, l) (pointers at (b, d0, 0))
-  // as float. Tensors in the bit mask kZero read 0 for rows past the channel count and tokens past
-  // l; the others read the clamped address's (finite) value.
-  template <typename T, int R, unsigned kZero>
-  __device__ __forceinline__ void load_rows(const T* const (&src)[R], int t0, float (&v)[R][kRowsPerWarp]) const {
+  // Load token t0 + lane of this thread's 8 rows of R tensors (b, d, l) (pointers at (b, d0, 0)),
+  // raw: rows past the channel count and tokens past l read the clamped address's (finite) value.
+  // Conversion and any masking (row_ok) belong to the consumer, after the code that the loads are
+  // to overlap: an instruction that reads a loaded register waits for the load, and one placed
+  // next to the load (in the same basic block) would end the overlap right there.
+  template <typename T, int R>
+  __device__ __forceinline__ void load_rows(const T* const (&src)[R], int t0, T (&v)[R][kRowsPerWarp]) const {
     const int t = t0 + lane;
-    const bool tok_ok = t < len;
-    const unsigned tc = tok_ok ? t : len - 1;
+    const unsigned tc = t < len ? t : len - 1;
     const int jmax = max(nvalid - 1, 0);
 #pragma unroll
     for (int j = 0; j < kRowsPerWarp; ++j) {
-      const bool ok = tok_ok && j < nvalid;
       const unsigned off = tok_base + (unsigned)min(j, jmax) * row_step + tc;
 #pragma unroll
-      for (int a = 0; a < R; ++a) {
-        const float x = to_float(__ldg(src[a] + off));
-        v[a][j] = ((kZero >> a) & 1u) && !ok ? 0.f : x;
-      }
+      for (int a = 0; a < R; ++a) v[a][j] = __ldg(src[a] + off);
     }
   }
 
-  // Load token t0 + lane of S state tensors (b, n, l) (pointers at (b, 0, 0)) as float: v[s][i] is
+  // Whether load_rows' row j at token t0 + lane is real (a channel < dim, a token < l).
+  __device__ __forceinline__ bool row_ok(int t0, int j) const { return t0 + lane < len && j < nvalid; }
+
+  // Load token t0 + lane of S state tensors (b, n, l) (pointers at (b, 0, 0)), raw: v[s][i] is
   // state n = warp + i * warps of tensor s (the warps share the NMAX states). States past nstate
-  // read 0 (their A, B, C must be 0), tokens past l the clamped address's value.
+  // read state 0 and tokens past l the clamped address; store_states zeroes the former.
   template <typename T, int NMAX, int S>
   __device__ __forceinline__ void load_states(const T* const (&src)[S], int nstate, int t0,
-                                              float (&v)[S][kStateLoads<NMAX>]) const {
+                                              T (&v)[S][kStateLoads<NMAX>]) const {
     const unsigned tc = min(t0 + lane, len - 1);
 #pragma unroll
     for (int i = 0; i < kStateLoads<NMAX>; ++i) {
       const int n = warp + i * warps;
-      const bool ok = n < nstate;
-      const unsigned off = (ok ? (unsigned)n * len : 0u) + tc;
+      const unsigned off = (n < nstate ? (unsigned)n * len : 0u) + tc;
 #pragma unroll
-      for (int s = 0; s < S; ++s) {
-        const float x = to_float(__ldg(src[s] + off));
-        v[s][i] = ok ? x : 0.f;
-      }
+      for (int s = 0; s < S; ++s) v[s][i] = __ldg(src[s] + off);
     }
   }
 
-  // Store what load_states loaded into S consecutive tiles [kChunk][kStatePitch] at dst.
-  template <int NMAX, int S>
-  __device__ __forceinline__ void store_states(const float (&v)[S][kStateLoads<NMAX>], float* dst) const {
+  // Store what load_states loaded, as float, into S consecutive tiles [kChunk][kStatePitch] at dst;
+  // states past nstate as 0 (their A, B, C must be 0).
+  template <typename T, int NMAX, int S>
+  __device__ __forceinline__ void store_states(const T (&v)[S][kStateLoads<NMAX>], int nstate, float* dst) const {
 #pragma unroll
     for (int i = 0; i < kStateLoads<NMAX>; ++i) {
       const int n = warp + i * warps;
 #pragma unroll
       for (int s = 0; s < S; ++s)
-        if (n < NMAX) dst[(s * kChunk + lane) * kStatePitch<NMAX> + n] = v[s][i];
+        if (n < NMAX) dst[(s * kChunk + lane) * kStatePitch<NMAX> + n] = n < nstate ? to_float(v[s][i]) : 0.f;
     }
   }
 
@@ -322,8 +322,11 @@ __device__ __forceinline__ void stage_params(float2* s_par, const float* delta_b
     s_par[r] = r < valid_rows ? make_float2(delta_bias[d0 + r], Dskip[d0 + r]) : make_float2(0.f, 0.f);
 }
 
-template <typename T, int NMAX>
-__global__ void __launch_bounds__(kMaxWarps * 32, NMAX <= 8 ? 4 : 3)  // 64 / 80 registers, no spills
+// MIN_BLOCKS per SM: 3 (80 registers) for n > 8 and where the grid fits one wave at 3 blocks per SM
+// (T stage 3), else 4 (64 registers: B stage 3's 512 blocks in one wave). At 64 registers the
+// chunk prefetched in registers leaves the token loop one record in flight at a time.
+template <typename T, int NMAX, int MIN_BLOCKS>
+__global__ void __launch_bounds__(kMaxWarps * 32, MIN_BLOCKS)  // no spills
 scan_fwd_kernel(const T* __restrict__ u, const T* __restrict__ delta, const float* __restrict__ A,
                 const T* __restrict__ Bs, const T* __restrict__ Cs, const float* __restrict__ Dskip,
                 const float* __restrict__ delta_bias, T* __restrict__ y,
@@ -363,23 +366,23 @@ scan_fwd_kernel(const T* __restrict__ u, const T* __restrict__ delta, const floa
   for (int i = 0; i < NT; ++i) h[i] = 0.f;
   // A chunk's inputs are loaded into registers one chunk ahead: their latency hides behind the
   // token loop of the chunk before.
-  float v[2][kRowsPerWarp], bc[2][kStateLoads<NMAX>];  // u, delta; B, C
-  tile.load_rows<T, 2, 0u>({u_b, delta_b}, 0, v);
+  T v[2][kRowsPerWarp], bc[2][kStateLoads<NMAX>];  // u, delta; B, C
+  tile.load_rows<T, 2>({u_b, delta_b}, 0, v);
   tile.load_states<T, NMAX, 2>({B_b, C_b}, p.nstate, 0, bc);
   __syncthreads();  // s_par
 
   for (int t0 = 0; t0 < p.len; t0 += kChunk) {
-    tile.store_states<NMAX, 2>(bc, s_B);
+    tile.store_states<T, NMAX, 2>(bc, p.nstate, s_B);
 #pragma unroll
     for (int j = 0; j < kRowsPerWarp; ++j) {
       const int r = tile.warp + j * tile.warps;
       const float2 par = s_par[r];
-      const float x = v[1][j] + par.x;
+      const float u_j = to_float(v[0][j]), x = to_float(v[1][j]) + par.x;
       const float dt = p.softplus ? Softplus(x).value : x;
-      s_x[r * kRowPad + tile.lane] = make_float4(dt, dt * v[0][j], par.y * v[0][j], 0.f);
+      s_x[r * kRowPad + tile.lane] = make_float4(dt, dt * u_j, par.y * u_j, 0.f);
     }
     if (t0 + kChunk < p.len) {
-      tile.load_rows<T, 2, 0u>({u_b, delta_b}, t0 + kChunk, v);
+      tile.load_rows<T, 2>({u_b, delta_b}, t0 + kChunk, v);
       tile.load_states<T, NMAX, 2>({B_b, C_b}, p.nstate, t0 + kChunk, bc);
     }
     __syncthreads();
@@ -422,14 +425,16 @@ scan_fwd_kernel(const T* __restrict__ u, const T* __restrict__ delta, const floa
 // one wave at 3 blocks per SM (T stage 3: 384 blocks, 396 slots), else 4 (64 registers, 55 KB of
 // shared memory for 8 warps: B stage 3's 512 blocks in one wave). G: tokens per group of reverse
 // steps whose shared-memory writes wait for the group's end (the steps of a group overlap), as
-// many as the registers fit without spills: 4 at 128 registers, 2 at 80, 1 at 64.
+// many as the registers fit without spills in the token loops: 4 at 128 registers, 2 at 80, 1 at
+// 64. (At 128 registers, 12-19 loop-invariant values live in local memory, reloaded once per chunk,
+// while the chunk's raw loads fly; the n <= 8 instances spill nothing.)
 template <typename T, int NMAX, int MIN_BLOCKS>
 __global__ void __launch_bounds__(kMaxWarps * 32, MIN_BLOCKS)
 scan_bwd_kernel(const T* __restrict__ u, const T* __restrict__ delta, const float* __restrict__ A,
                 const T* __restrict__ Bs, const T* __restrict__ Cs, const float* __restrict__ Dskip,
                 const float* __restrict__ delta_bias, const float* __restrict__ seg_state,  // from the forward
                 const T* __restrict__ dy, T* __restrict__ du, T* __restrict__ ddelta,
-                float* __restrict__ dBC_part,    // [gridDim.y][b][2 NMAX][l]: dB rows, then dC rows
+                float* __restrict__ dBC_part,    // [gridDim.y][b][2][n][l]: dB rows, then dC rows
                 float* __restrict__ dADb_part,   // [b][d][NMAX + 2]: dA, dD, ddelta_bias
                 ScanShape p) {
   constexpr int NT = NMAX / kSplit, K = kSegLen<NMAX>;
@@ -482,9 +487,9 @@ scan_bwd_kernel(const T* __restrict__ u, const T* __restrict__ delta, const floa
 
   float carry[NT];   // a_{t+1} g_{t+1}: the gradient reaching h_t through h_{t+1}
   float dA_acc[NT];
-  // The entering states of the next two segments to visit, prefetched two segments ahead: the
-  // compiler issues a load at the end of the segment loop's body, so one segment ahead would leave
-  // its latency exposed at the next segment's first step.
+  // The entering states of the next two segments to visit, prefetched two segments ahead. They
+  // move up (next_state2 -> next_state) at the end of a segment's steps, before the next load into
+  // next_state2 is issued: a copy right after that load would wait for it.
   float next_state[NT], next_state2[NT];
 #pragma unroll
   for (int i = 0; i < NT; ++i) carry[i] = dA_acc[i] = 0.f;
@@ -493,19 +498,19 @@ scan_bwd_kernel(const T* __restrict__ u, const T* __restrict__ delta, const floa
   float dD_acc = 0.f, dbias_acc = 0.f;
   const int n_chunks = (p.len + kChunk - 1) / kChunk;
   // Writes chunk t0's du, ddelta (from the records) and its dB, dC partials: the warps' sums in
-  // s_red added in a fixed order; warp w writes rows m = w, w + warps, ... of the [2 NMAX][l] slab,
-  // one token per lane.
+  // s_red added in a fixed order; warp w writes rows m = w, w + warps, ... of s_red (dB of state m,
+  // then dC of state m - NMAX), the real states' ones into the [2][n][l] slab, one token per lane.
   auto flush = [&](int t0) {
     tile.store_rows<T, 2>({du_b, ddelta_b}, s_x, t0);
-    float* out = dBC_part + ((int64_t)blockIdx.y * p.batch + b) * 2 * NMAX * p.len + t0 + lane;
+    float* out = dBC_part + ((int64_t)blockIdx.y * p.batch + b) * 2 * p.nstate * p.len + t0 + lane;
 #pragma unroll
     for (int q = 0; q < (2 * NMAX + kMinWarps - 1) / kMinWarps; ++q) {
-      const int m = warp + q * warps;
-      if (m < 2 * NMAX && t0 + lane < p.len) {
+      const int m = warp + q * warps, state = m % NMAX;
+      if (m < 2 * NMAX && state < p.nstate && t0 + lane < p.len) {
         float sum = 0.f;
 #pragma unroll
         for (int w = 0; w < kMaxWarps; ++w) sum += s_red[(w * 2 * NMAX + m) * kRedPad + lane];  // absent warps: 0
-        out[m * p.len] = sum;
+        out[((m / NMAX) * p.nstate + state) * p.len] = sum;
       }
     }
   };
@@ -513,20 +518,21 @@ scan_bwd_kernel(const T* __restrict__ u, const T* __restrict__ delta, const floa
     const int t0 = chunk * kChunk, len = min(kChunk, p.len - t0);
     {
       // The chunk's loads fly while the chunk after it (done before) writes its outputs.
-      float v[3][kRowsPerWarp], bc[2][kStateLoads<NMAX>];
-      tile.load_rows<T, 3, 0b101u>({u_b, delta_b, dy_b}, t0, v);
+      T v[3][kRowsPerWarp], bc[2][kStateLoads<NMAX>];
+      tile.load_rows<T, 3>({u_b, delta_b, dy_b}, t0, v);
       tile.load_states<T, NMAX, 2>({B_b, C_b}, p.nstate, t0, bc);
       if (chunk < n_chunks - 1) flush(t0 + kChunk);
       // Then the chunk's staging overwrites the records this thread has just written out and
       // s_B, s_C (read before the last barrier); s_red is written after the barrier below.
-      tile.store_states<NMAX, 2>(bc, s_B);
+      tile.store_states<T, NMAX, 2>(bc, p.nstate, s_B);
 #pragma unroll
       for (int j = 0; j < kRowsPerWarp; ++j) {
         const int r = tile.warp + j * tile.warps;
-        const float x = v[1][j] + s_par[r].x;
+        const bool ok = tile.row_ok(t0, j);  // u = dy = 0 past the channel count and past l
+        const float x = to_float(v[1][j]) + s_par[r].x;
         const Softplus sp(x);
-        s_x[r * kRowPad + tile.lane] =
-            make_float4(v[0][j], p.softplus ? sp.value : x, v[2][j], p.softplus ? sp.slope : 1.f);
+        s_x[r * kRowPad + tile.lane] = make_float4(ok ? to_float(v[0][j]) : 0.f, p.softplus ? sp.value : x,
+                                                   ok ? to_float(v[2][j]) : 0.f, p.softplus ? sp.slope : 1.f);
       }
     }
     __syncthreads();
@@ -538,9 +544,7 @@ scan_bwd_kernel(const T* __restrict__ u, const T* __restrict__ delta, const floa
 #pragma unroll
       for (int i = 0; i < NT; ++i) {
         hist[0][i] = next_state[i];
-        next_state[i] = next_state2[i];
       }
-      load_state<NT>(my_seg_state(max(seg - 2, 0)), next_state2);
 #pragma unroll
       for (int j = 0; j < K; ++j) {
         const float4 x = my_x[k0 + j];
@@ -604,6 +608,9 @@ scan_bwd_kernel(const T* __restrict__ u, const T* __restrict__ delta, const floa
         }
       }
       if (G == 1 && red_writer) my_red[k0] = red_late;
+#pragma unroll
+      for (int i = 0; i < NT; ++i) next_state[i] = next_state2[i];
+      load_state<NT>(my_seg_state(max(seg - 2, 0)), next_state2);
     }
     __syncthreads();
   }
@@ -623,12 +630,19 @@ scan_bwd_kernel(const T* __restrict__ u, const T* __restrict__ delta, const floa
 // longer sums do not form the tail) sum dADb_part over the batch: column j of the per-batch-row
 // slab [d][NMAX + 2] is (d, k): dA (k < n), dD (k = NMAX), ddelta_bias (k = NMAX + 1). A block owns
 // 32 columns, one per lane; warp w sums batch rows w, w + 8, ... (16 loads in flight per round),
-// then warp 0 adds the 8 warps' sums in order. The other blocks: 1024 elements (m, t) of one batch
-// row's dB, dC, 4 per thread (all their loads in flight), summing the channel blocks' dBC_part.
+// then warp 0 adds the 8 warps' sums in order. The other blocks sum the channel blocks' dBC_part
+// for one batch row b: its [2][n][l] slab is laid out as dB[b] followed by dC[b], so a thread sums
+// V consecutive elements (V = 4 where n l is a multiple of 4: vector loads and stores, no index
+// division) over the channel blocks and writes them to dB or dC.
 constexpr int kFinishWarps = 8, kFinishThreads = kFinishWarps * 32, kFinishLoads = 16;
-constexpr int kFinishElems = 4, kFinishSpan = kFinishElems * kFinishThreads;  // dB, dC elements per thread, block
+constexpr int kFinishBlockLoads = 4;  // channel blocks' partials loaded per round
 
-template <typename T, int NMAX>
+template <typename T, int V>  // V consecutive elements, one aligned vector access
+struct alignas(sizeof(T) * V) Vec {
+  T x[V];
+};
+
+template <typename T, int NMAX, int V>
 __global__ void __launch_bounds__(kFinishThreads, 6)  // <= 40 registers: 6 blocks per SM
 scan_bwd_finish_kernel(const float* __restrict__ dBC_part, const float* __restrict__ dADb_part,
                        T* __restrict__ dB, T* __restrict__ dC, float* __restrict__ dA, float* __restrict__ dD,
@@ -659,29 +673,28 @@ scan_bwd_finish_kernel(const float* __restrict__ dBC_part, const float* __restri
     else if (k == NMAX) dD[d] = sum;
     else if (k == NMAX + 1) ddelta_bias[d] = sum;
   } else {
-    const int per_row = 2 * n * p.len, row_blocks = (per_row + kFinishSpan - 1) / kFinishSpan;
+    const int nl = n * p.len, row_blocks = (2 * nl / V + kFinishThreads - 1) / kFinishThreads;
     const int q = blockIdx.x - adb_blocks, b = q / row_blocks;
-    const int i0 = (q - b * row_blocks) * kFinishSpan + threadIdx.x;
-    const float* part_b = dBC_part + (int64_t)b * 2 * NMAX * p.len;
-    const int64_t part_step = (int64_t)p.batch * 2 * NMAX * p.len;
-    const float* src[kFinishElems];
-    float sum[kFinishElems];
+    const int i = ((q - b * row_blocks) * kFinishThreads + threadIdx.x) * V;  // element of the [2][n][l] slab
+    if (i >= 2 * nl) return;
+    const int64_t part_step = (int64_t)p.batch * 2 * nl;  // between channel blocks
+    const float* src = dBC_part + (int64_t)b * 2 * nl + i;
+    float sum[V] = {};
+    for (int k0 = 0; k0 < channel_blocks; k0 += kFinishBlockLoads) {  // in rounds of loads all in flight
+      Vec<float, V> x[kFinishBlockLoads] = {};
 #pragma unroll
-    for (int e = 0; e < kFinishElems; ++e) {
-      const int i = min(i0 + e * kFinishThreads, per_row - 1), m = i / p.len;  // (m, t), m < 2 n
-      const int row = m < n ? m : NMAX + m - n;  // dB rows 0.., dC rows NMAX.. of the partials
-      src[e] = part_b + row * p.len + (i - m * p.len);
-      sum[e] = 0.f;
-    }
-    for (int k = 0; k < channel_blocks; ++k) {
+      for (int k = 0; k < kFinishBlockLoads; ++k)
+        if (k0 + k < channel_blocks) x[k] = *reinterpret_cast<const Vec<float, V>*>(src + (k0 + k) * part_step);
 #pragma unroll
-      for (int e = 0; e < kFinishElems; ++e) sum[e] += src[e][k * part_step];
-    }
+      for (int k = 0; k < kFinishBlockLoads; ++k)
 #pragma unroll
-    for (int e = 0; e < kFinishElems; ++e) {
-      const int i = i0 + e * kFinishThreads, m = i / p.len, t = i - m * p.len;
-      if (i < per_row) (m < n ? dB : dC)[((int64_t)b * n + m % n) * p.len + t] = from_float<T>(sum[e]);
+        for (int e = 0; e < V; ++e) sum[e] += x[k].x[e];
     }
+    Vec<T, V> out;
+#pragma unroll
+    for (int e = 0; e < V; ++e) out.x[e] = from_float<T>(sum[e]);
+    T* dst = (i < nl ? dB + i : dC + (i - nl)) + (int64_t)b * nl;
+    *reinterpret_cast<Vec<T, V>*>(dst) = out;
   }
 }
 
@@ -705,21 +718,6 @@ size_t bwd_smem(int threads, int nmax) {
          sizeof(float) * kMaxWarps * 2 * nmax * kRedPad + sizeof(float2) * rows;
 }
 
-template <typename T, int NMAX>
-int launch_fwd(const ScanShape& p, const void* u, const void* delta, const float* A, const void* B, const void* C,
-               const float* D, const float* delta_bias, void* y, float* seg_state, cudaStream_t stream) {
-  int threads;
-  const dim3 grid = block_grid(p.batch, p.dim, &threads);
-  const size_t smem = fwd_smem(threads, NMAX);
-  auto kernel = scan_fwd_kernel<T, NMAX>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-  if (err != cudaSuccess) return err;
-  kernel<<<grid, threads, smem, stream>>>(static_cast<const T*>(u), static_cast<const T*>(delta), A,
-                                          static_cast<const T*>(B), static_cast<const T*>(C), D, delta_bias,
-                                          static_cast<T*>(y), seg_state, p);
-  return cudaGetLastError();
-}
-
 // Streaming multiprocessors of the current device (queried once per device; no synchronisation).
 unsigned sm_count() {
   static int cached[64] = {};
@@ -728,6 +726,24 @@ unsigned sm_count() {
   if (cached[dev] == 0 && cudaDeviceGetAttribute(&cached[dev], cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
     return 132;
   return cached[dev];
+}
+
+template <typename T, int NMAX>
+int launch_fwd(const ScanShape& p, const void* u, const void* delta, const float* A, const void* B, const void* C,
+               const float* D, const float* delta_bias, void* y, float* seg_state, cudaStream_t stream) {
+  int threads;
+  const dim3 grid = block_grid(p.batch, p.dim, &threads);
+  const size_t smem = fwd_smem(threads, NMAX);
+  auto kernel = scan_fwd_kernel<T, NMAX, 3>;
+  if constexpr (NMAX <= 8) {
+    if (grid.x * grid.y > 3u * sm_count()) kernel = scan_fwd_kernel<T, NMAX, 4>;
+  }
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+  if (err != cudaSuccess) return err;
+  kernel<<<grid, threads, smem, stream>>>(static_cast<const T*>(u), static_cast<const T*>(delta), A,
+                                          static_cast<const T*>(B), static_cast<const T*>(C), D, delta_bias,
+                                          static_cast<T*>(y), seg_state, p);
+  return cudaGetLastError();
 }
 
 template <typename T, int NMAX>
@@ -751,9 +767,11 @@ int launch_bwd(const ScanShape& p, const void* u, const void* delta, const float
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   const int adb_blocks = (p.dim * (NMAX + 2) + 31) / 32;
-  const int64_t bc_blocks = p.batch * (int64_t)((2 * p.nstate * p.len + kFinishSpan - 1) / kFinishSpan);
+  const bool vec4 = p.nstate * p.len % 4 == 0;
+  const int per_thread = vec4 ? 4 : 1, row_span = per_thread * kFinishThreads;
+  const int64_t bc_blocks = p.batch * (int64_t)((2 * p.nstate * p.len + row_span - 1) / row_span);
   if (adb_blocks + bc_blocks > 2147483647) return -1;
-  auto finish = scan_bwd_finish_kernel<T, NMAX>;
+  auto finish = vec4 ? scan_bwd_finish_kernel<T, NMAX, 4> : scan_bwd_finish_kernel<T, NMAX, 1>;
   finish<<<(unsigned)(adb_blocks + bc_blocks), kFinishThreads, 0, stream>>>(
       dBC_part, dADb_part, static_cast<T*>(dB), static_cast<T*>(dC), dA, dD, ddelta_bias, p, (int)grid.y,
       adb_blocks);

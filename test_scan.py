@@ -193,7 +193,7 @@ def test_kernel_odd_state_counts_and_no_softplus(monkeypatch, n):
 @cuda
 def test_kernel_batch_over_one_finish_round(monkeypatch):
     """Batch 260: the finish kernel sums dA, dD, ddelta_bias over 128 batch rows per round; 260 x 4
-    blocks (200 channels) are more than 3 per SM, so the 64-register backward instance runs."""
+    blocks (200 channels) are more than 3 per SM, so the 64-register instances run."""
     monkeypatch.setenv("MAMBAVISION_SCAN", "cuda")
     inputs, dy = make_inputs(260, 200, 40, 8, device="cuda", seed=11)
     want_y, want = ref_grads(inputs, dy)
