@@ -8,9 +8,9 @@
 //
 // Layout of the work. The scan is short along l (49..1024 in MambaVision) and wide along b x d.
 // Each (b, d) row is owned by kSplit = 4 neighbouring lanes of a warp, each keeping NT = NMAX / 4
-// of the states in registers. A block owns one batch row b and 16..64 channels (4..8 warps). It
-// stages kChunk = 32 tokens at a time in shared memory: every thread loads one token of 8 rows per
-// tensor (coalesced, all loads in flight before the first use, 32-bit offsets, rows past the
+// of the states in registers (one backward instance: 2 lanes of 4 states, kWideSplit). A block owns
+// one batch row b and 16..64 channels (4..8 warps; 2-lane: 32..128). It stages kChunk = 32 tokens
+// at a time in shared memory: every thread loads one token of 8 rows (2-lane: 16) per tensor (coalesced, all loads in flight before the first use, 32-bit offsets, rows past the
 // channel count and tokens past l clamped to a valid address, zeroed by a select where it matters,
 // no predicated address arithmetic), turns delta into dt = softplus(delta + delta_bias) once per element, and
 // writes one 16-byte record per (row, token), so that each lane reads everything it needs of a
@@ -75,9 +75,9 @@ constexpr int kChunk = 32;           // tokens staged in shared memory per pass 
 constexpr int kRowPad = kChunk + 1;  // padded row stride of the staged tiles: no bank conflicts
 constexpr int kRedPad = kChunk + 4;  // row stride of the dB, dC sums: a warp's rows start 4 banks apart
 constexpr int kSplit = 4;            // lanes per (b, d) row, each with NMAX / kSplit states
-constexpr int kMinWarps = 4;         // 16..64 channels per block
+constexpr int kWideSplit = 2;        // the backward's other layout (n <= 8): 2 lanes per row, 4 states each
+constexpr int kMinWarps = 4;         // 4..8 warps per block
 constexpr int kMaxWarps = 8;
-constexpr int kRowsPerWarp = 32 / kSplit;  // 8 rows per warp; a thread stages 8 rows per tensor
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
@@ -150,12 +150,15 @@ __device__ __forceinline__ float pair_sum(float p, float q, int part) {
   return (odd ? q : p) + __shfl_xor_sync(0xffffffffu, odd ? p : q, 1);
 }
 
-// The block's view of one batch row: the rows (channels d0 + r) this thread stages, and how. A
-// thread stages rows warp + j * warps, j < 8; the real ones (d0 + r < dim) are a prefix j < nvalid.
+// The block's view of one batch row: the rows (channels d0 + r) this thread stages, and how. With
+// KS lanes per row a warp owns kRows = 32 / KS rows, and a thread stages rows warp + j * warps,
+// j < kRows; the real ones (d0 + r < dim) are a prefix j < nvalid.
 // Loads past the channel count or past l read a clamped, valid address instead (row 0 of this
 // thread, or token l - 1), so that no address needs a predicate; where the value matters, a select
 // zeroes it. Offsets are unsigned 32-bit (one IMAD.WIDE.U32 per address).
+template <int KS>
 struct Tile {
+  static constexpr int kRows = 32 / KS;
   int lane, warp, warps, len;
   int nvalid;         // this thread's real staged rows
   unsigned tok_base;  // (first real row) * l
@@ -163,21 +166,21 @@ struct Tile {
 
   __device__ Tile(int valid_rows, int len_)
       : lane(threadIdx.x % 32), warp(threadIdx.x / 32), warps(blockDim.x / 32), len(len_),
-        nvalid(warp < valid_rows ? min(kRowsPerWarp, (valid_rows - warp + warps - 1) / warps) : 0),
+        nvalid(warp < valid_rows ? min(kRows, (valid_rows - warp + warps - 1) / warps) : 0),
         tok_base(warp < valid_rows ? warp * len_ : 0), row_step(warps * len_) {}
 
-  // Load token t0 + lane of this thread's 8 rows of R tensors (b, d, l) (pointers at (b, d0, 0)),
+  // Load token t0 + lane of this thread's kRows rows of R tensors (b, d, l) (pointers at (b, d0, 0)),
   // raw: rows past the channel count and tokens past l read the clamped address's (finite) value.
   // Conversion and any masking (row_ok) belong to the consumer, after the code that the loads are
   // to overlap: an instruction that reads a loaded register waits for the load, and one placed
   // next to the load (in the same basic block) would end the overlap right there.
   template <typename T, int R>
-  __device__ __forceinline__ void load_rows(const T* const (&src)[R], int t0, T (&v)[R][kRowsPerWarp]) const {
+  __device__ __forceinline__ void load_rows(const T* const (&src)[R], int t0, T (&v)[R][kRows]) const {
     const int t = t0 + lane;
     const unsigned tc = t < len ? t : len - 1;
     const int jmax = max(nvalid - 1, 0);
 #pragma unroll
-    for (int j = 0; j < kRowsPerWarp; ++j) {
+    for (int j = 0; j < kRows; ++j) {
       const unsigned off = tok_base + (unsigned)min(j, jmax) * row_step + tc;
 #pragma unroll
       for (int a = 0; a < R; ++a) v[a][j] = __ldg(src[a] + off);
@@ -217,8 +220,9 @@ struct Tile {
   }
 
   // Write tokens [t0, t0 + 32) of this thread's real rows of W tensors dst (b, d, l) (pointers at
-  // (b, d0, 0)) from the [rows][kRowPad] records s, which hold the kSplit lanes' partial results of
-  // each (row, token): W = 1 writes their sum, W = 2 the sums of fields (0, 2) and (1, 3).
+  // (b, d0, 0)) from the [rows][kRowPad] records s, whose field f < KS holds lane part f's partial
+  // result of the (row, token): W = 1 writes the sum of all four fields (KS = 4), W = 2 the sums of
+  // the even and of the odd fields < KS.
   template <typename T, int W>
   __device__ __forceinline__ void store_rows(T* const (&dst)[W], const float4* s, int t0) const {
     static_assert(W == 1 || W == 2, "one or two outputs per record");
@@ -228,14 +232,14 @@ struct Tile {
     const int rec_step = warps * kRowPad;
     unsigned off = tok_base + t;
 #pragma unroll
-    for (int j = 0; j < kRowsPerWarp; ++j, rec += rec_step, off += row_step) {
+    for (int j = 0; j < kRows; ++j, rec += rec_step, off += row_step) {
       if (j >= nvalid) break;
       const float4 x = *rec;
       if constexpr (W == 1) {
         dst[0][off] = from_float<T>((x.x + x.y) + (x.z + x.w));
       } else {
-        dst[0][off] = from_float<T>(x.x + x.z);
-        dst[1][off] = from_float<T>(x.y + x.w);
+        dst[0][off] = from_float<T>(KS == 4 ? x.x + x.z : x.x);
+        dst[1][off] = from_float<T>(KS == 4 ? x.y + x.w : x.y);
       }
     }
   }
@@ -287,12 +291,12 @@ __device__ __forceinline__ void store_state(float* p, const float (&h)[NT]) {
   }
 }
 
-// Sum each of M values over the lanes of a warp that share `lane % kSplit` (the warp's channels),
+// Sum each of M values over the lanes of a warp that share `lane % KS` (the warp's channels),
 // in a fixed order (deterministic). Recursive halving: at each step a lane keeps half of its values
 // and sends the other half to its partner `OFFSET` lanes away; once one value is left, plain
 // butterflies finish. Afterwards v[0] holds value (lane >> (5 - log2 M)) % M of this lane's part.
 // Template recursion keeps every array index a compile-time constant.
-template <int HALF, int OFFSET, int M>
+template <int KS, int HALF, int OFFSET, int M>
 __device__ __forceinline__ void warp_halving_steps(float (&v)[M], int lane) {
   if constexpr (HALF >= 1) {
     const bool upper = lane & OFFSET;
@@ -302,23 +306,23 @@ __device__ __forceinline__ void warp_halving_steps(float (&v)[M], int lane) {
       const float keep = upper ? v[i + HALF] : v[i];
       v[i] = keep + __shfl_xor_sync(0xffffffffu, send, OFFSET);
     }
-    warp_halving_steps<HALF / 2, OFFSET / 2, M>(v, lane);
+    warp_halving_steps<KS, HALF / 2, OFFSET / 2, M>(v, lane);
   } else {
 #pragma unroll
-    for (int offset = OFFSET; offset >= kSplit; offset /= 2) v[0] += __shfl_xor_sync(0xffffffffu, v[0], offset);
+    for (int offset = OFFSET; offset >= KS; offset /= 2) v[0] += __shfl_xor_sync(0xffffffffu, v[0], offset);
   }
 }
 
-template <int M>
+template <int KS, int M>
 __device__ __forceinline__ void warp_sum_over_channels(float (&v)[M], int lane) {
-  static_assert(M >= 2 && M <= 32 / kSplit && (M & (M - 1)) == 0, "M must be a power of two <= 32 / kSplit");
-  warp_halving_steps<M / 2, 16, M>(v, lane);
+  static_assert(M >= 2 && M <= 32 / KS && (M & (M - 1)) == 0, "M must be a power of two <= 32 / KS");
+  warp_halving_steps<KS, M / 2, 16, M>(v, lane);
 }
 
 // delta_bias and D of the block's channels into s_par[rows] as (bias, D); 0 past the channel count.
 __device__ __forceinline__ void stage_params(float2* s_par, const float* delta_bias, const float* Dskip, int d0,
-                                             int valid_rows) {
-  for (int r = threadIdx.x; r < blockDim.x / kSplit; r += blockDim.x)
+                                             int rows, int valid_rows) {
+  for (int r = threadIdx.x; r < rows; r += blockDim.x)
     s_par[r] = r < valid_rows ? make_float2(delta_bias[d0 + r], Dskip[d0 + r]) : make_float2(0.f, 0.f);
 }
 
@@ -344,8 +348,8 @@ scan_fwd_kernel(const T* __restrict__ u, const T* __restrict__ delta, const floa
   const int b = blockIdx.x, d0 = blockIdx.y * rows, row = threadIdx.x / kSplit, part = threadIdx.x % kSplit;
   const int d = d0 + row, valid_rows = min(rows, p.dim - d0);
   const bool active = d < p.dim;
-  const Tile tile(valid_rows, p.len);
-  stage_params(s_par, delta_bias, Dskip, d0, valid_rows);
+  const Tile<kSplit> tile(valid_rows, p.len);
+  stage_params(s_par, delta_bias, Dskip, d0, rows, valid_rows);
   float A2[NT];  // this lane's states n = part * NT + i: A * log2(e), so exp(dt A) = 2^(dt A2)
 #pragma unroll
   for (int i = 0; i < NT; ++i) {
@@ -366,15 +370,15 @@ scan_fwd_kernel(const T* __restrict__ u, const T* __restrict__ delta, const floa
   for (int i = 0; i < NT; ++i) h[i] = 0.f;
   // A chunk's inputs are loaded into registers one chunk ahead: their latency hides behind the
   // token loop of the chunk before.
-  T v[2][kRowsPerWarp], bc[2][kStateLoads<NMAX>];  // u, delta; B, C
-  tile.load_rows<T, 2>({u_b, delta_b}, 0, v);
-  tile.load_states<T, NMAX, 2>({B_b, C_b}, p.nstate, 0, bc);
+  T v[2][Tile<kSplit>::kRows], bc[2][kStateLoads<NMAX>];  // u, delta; B, C
+  tile.template load_rows<T, 2>({u_b, delta_b}, 0, v);
+  tile.template load_states<T, NMAX, 2>({B_b, C_b}, p.nstate, 0, bc);
   __syncthreads();  // s_par
 
   for (int t0 = 0; t0 < p.len; t0 += kChunk) {
-    tile.store_states<T, NMAX, 2>(bc, p.nstate, s_B);
+    tile.template store_states<T, NMAX, 2>(bc, p.nstate, s_B);
 #pragma unroll
-    for (int j = 0; j < kRowsPerWarp; ++j) {
+    for (int j = 0; j < Tile<kSplit>::kRows; ++j) {
       const int r = tile.warp + j * tile.warps;
       const float2 par = s_par[r];
       const float u_j = to_float(v[0][j]), x = to_float(v[1][j]) + par.x;
@@ -382,8 +386,8 @@ scan_fwd_kernel(const T* __restrict__ u, const T* __restrict__ delta, const floa
       s_x[r * kRowPad + tile.lane] = make_float4(dt, dt * u_j, par.y * u_j, 0.f);
     }
     if (t0 + kChunk < p.len) {
-      tile.load_rows<T, 2>({u_b, delta_b}, t0 + kChunk, v);
-      tile.load_states<T, NMAX, 2>({B_b, C_b}, p.nstate, t0 + kChunk, bc);
+      tile.template load_rows<T, 2>({u_b, delta_b}, t0 + kChunk, v);
+      tile.template load_states<T, NMAX, 2>({B_b, C_b}, p.nstate, t0 + kChunk, bc);
     }
     __syncthreads();
     // Tokens past l read finite u, B, C; their y is never stored, and h is not used after the last
@@ -417,18 +421,20 @@ scan_fwd_kernel(const T* __restrict__ u, const T* __restrict__ delta, const floa
       }
     }
     __syncthreads();  // partial y complete; s_B, s_C free for the next chunk
-    tile.store_rows<T, 1>({y_b}, s_x, t0);  // then the same thread stages the next chunk's records
+    tile.template store_rows<T, 1>({y_b}, s_x, t0);  // then the same thread stages the next chunk's records
   }
 }
 
-// MIN_BLOCKS per SM: 2 for n > 8 (128 registers); for n <= 8, 3 (80 registers) where the grid fits
-// one wave at 3 blocks per SM (T stage 3: 384 blocks, 396 slots), else 4 (64 registers, 55 KB of
-// shared memory for 8 warps: B stage 3's 512 blocks in one wave). G: tokens per group of reverse
-// steps whose shared-memory writes wait for the group's end (the steps of a group overlap), as
-// many as the registers fit without spills in the token loops: 4 at 128 registers, 2 at 80, 1 at
-// 64. (At 128 registers, 12-19 loop-invariant values live in local memory, reloaded once per chunk,
-// while the chunk's raw loads fly; the n <= 8 instances spill nothing.)
-template <typename T, int NMAX, int MIN_BLOCKS>
+// KS lanes per row, MIN_BLOCKS per SM. n > 8: 4 lanes, 2 blocks (128 registers). n <= 8, one of
+// three, chosen by grid size (launch_bwd): 4 lanes and 3 blocks (80 registers) where the grid fits
+// one wave so (T stage 3: 384 blocks, 396 slots); else 2 lanes of 4 states each and 2 blocks (128
+// registers, 16 channels per warp) where that grid fits one wave (B stage 3: 256 blocks of 128
+// channels); else 4 lanes and 4 blocks (64 registers, 55 KB of shared memory for 8 warps). G: tokens
+// per group of reverse steps whose shared-memory writes wait for the group's end (the steps of a
+// group overlap), as many as the registers fit without spills in the token loops: 1 at 64
+// registers, 2 at 80 and in the 2-lane instance, 4 in the n > 8 one. (There 12-19 loop-invariant
+// values live in local memory, reloaded once per chunk while the chunk's raw loads fly.)
+template <typename T, int NMAX, int KS, int MIN_BLOCKS>
 __global__ void __launch_bounds__(kMaxWarps * 32, MIN_BLOCKS)
 scan_bwd_kernel(const T* __restrict__ u, const T* __restrict__ delta, const float* __restrict__ A,
                 const T* __restrict__ Bs, const T* __restrict__ Cs, const float* __restrict__ Dskip,
@@ -437,23 +443,23 @@ scan_bwd_kernel(const T* __restrict__ u, const T* __restrict__ delta, const floa
                 float* __restrict__ dBC_part,    // [gridDim.y][b][2][n][l]: dB rows, then dC rows
                 float* __restrict__ dADb_part,   // [b][d][NMAX + 2]: dA, dD, ddelta_bias
                 ScanShape p) {
-  constexpr int NT = NMAX / kSplit, K = kSegLen<NMAX>;
+  constexpr int NT = NMAX / KS, K = kSegLen<NMAX>;
   constexpr int M = 2 * NT;  // values per lane and token summed over channels: dB, dC of its states
-  constexpr int G = MIN_BLOCKS == 4 ? 1 : (MIN_BLOCKS == 3 ? 2 : 4);
+  constexpr int G = MIN_BLOCKS == 4 ? 1 : (MIN_BLOCKS == 3 || KS == 2 ? 2 : 4);
   extern __shared__ float4 smem_f4[];
-  const int rows = blockDim.x / kSplit, warps = blockDim.x / 32;
-  float4* s_x = smem_f4;  // [rows][kRowPad]: (u, dt, dy, sigmoid), then partial (du, ddelta, du, ddelta)
+  const int rows = blockDim.x / KS, warps = blockDim.x / 32;
+  float4* s_x = smem_f4;  // [rows][kRowPad]: (u, dt, dy, sigmoid), then partial (du, ddelta[, du, ddelta])
   float* s_B = reinterpret_cast<float*>(s_x + rows * kRowPad);  // [kChunk][kStatePitch]
   float* s_C = s_B + kChunk * kStatePitch<NMAX>;                // [kChunk][kStatePitch]
   float* s_red = s_C + kChunk * kStatePitch<NMAX>;  // [kMaxWarps][2 NMAX][kRedPad]: dB, dC sums
   float2* s_par = reinterpret_cast<float2*>(s_red + kMaxWarps * 2 * NMAX * kRedPad);  // [rows]: (delta_bias, D)
 
-  const int b = blockIdx.x, d0 = blockIdx.y * rows, row = threadIdx.x / kSplit, part = threadIdx.x % kSplit;
+  const int b = blockIdx.x, d0 = blockIdx.y * rows, row = threadIdx.x / KS, part = threadIdx.x % KS;
   const int d = d0 + row, valid_rows = min(rows, p.dim - d0);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const bool active = d < p.dim;
-  const Tile tile(valid_rows, p.len);
-  stage_params(s_par, delta_bias, Dskip, d0, valid_rows);
+  const Tile<KS> tile(valid_rows, p.len);
+  stage_params(s_par, delta_bias, Dskip, d0, rows, valid_rows);
   for (int i = warps * 2 * NMAX * kRedPad + threadIdx.x; i < kMaxWarps * 2 * NMAX * kRedPad; i += blockDim.x)
     s_red[i] = 0.f;  // the slots of absent warps, summed with the others
   float A2[NT];
@@ -479,9 +485,9 @@ scan_bwd_kernel(const T* __restrict__ u, const T* __restrict__ delta, const floa
   // (idx < NT) or dC of state part * NT + idx % NT; one lane per value (red_writer) stores it, into
   // row m of s_red. (The 16 writers' rows start 4 banks apart, kRedPad: at most 2-way conflicts
   // where a pitch of 32 floats put all 16 on one bank.)
-  constexpr int kLog2M = M == 2 ? 1 : (M == 4 ? 2 : 3);
+  constexpr int kLog2M = M == 2 ? 1 : (M == 4 ? 2 : 3), kLog2KS = KS == 2 ? 1 : 2;
   const int idx = (lane >> (5 - kLog2M)) % M;
-  const bool red_writer = ((lane >> 2) & (32 / kSplit / M - 1)) == 0;
+  const bool red_writer = ((lane >> kLog2KS) & (32 / KS / M - 1)) == 0;
   float* my_red = s_red + (warp * 2 * NMAX + (idx / NT) * NMAX + part * NT + idx % NT) * kRedPad;
   __syncthreads();  // s_par, s_red
 
@@ -501,7 +507,7 @@ scan_bwd_kernel(const T* __restrict__ u, const T* __restrict__ delta, const floa
   // s_red added in a fixed order; warp w writes rows m = w, w + warps, ... of s_red (dB of state m,
   // then dC of state m - NMAX), the real states' ones into the [2][n][l] slab, one token per lane.
   auto flush = [&](int t0) {
-    tile.store_rows<T, 2>({du_b, ddelta_b}, s_x, t0);
+    tile.template store_rows<T, 2>({du_b, ddelta_b}, s_x, t0);
     float* out = dBC_part + ((int64_t)blockIdx.y * p.batch + b) * 2 * p.nstate * p.len + t0 + lane;
 #pragma unroll
     for (int q = 0; q < (2 * NMAX + kMinWarps - 1) / kMinWarps; ++q) {
@@ -518,15 +524,15 @@ scan_bwd_kernel(const T* __restrict__ u, const T* __restrict__ delta, const floa
     const int t0 = chunk * kChunk, len = min(kChunk, p.len - t0);
     {
       // The chunk's loads fly while the chunk after it (done before) writes its outputs.
-      T v[3][kRowsPerWarp], bc[2][kStateLoads<NMAX>];
-      tile.load_rows<T, 3>({u_b, delta_b, dy_b}, t0, v);
-      tile.load_states<T, NMAX, 2>({B_b, C_b}, p.nstate, t0, bc);
+      T v[3][Tile<KS>::kRows], bc[2][kStateLoads<NMAX>];
+      tile.template load_rows<T, 3>({u_b, delta_b, dy_b}, t0, v);
+      tile.template load_states<T, NMAX, 2>({B_b, C_b}, p.nstate, t0, bc);
       if (chunk < n_chunks - 1) flush(t0 + kChunk);
       // Then the chunk's staging overwrites the records this thread has just written out and
       // s_B, s_C (read before the last barrier); s_red is written after the barrier below.
-      tile.store_states<T, NMAX, 2>(bc, p.nstate, s_B);
+      tile.template store_states<T, NMAX, 2>(bc, p.nstate, s_B);
 #pragma unroll
-      for (int j = 0; j < kRowsPerWarp; ++j) {
+      for (int j = 0; j < Tile<KS>::kRows; ++j) {
         const int r = tile.warp + j * tile.warps;
         const bool ok = tile.row_ok(t0, j);  // u = dy = 0 past the channel count and past l
         const float x = to_float(v[1][j]) + s_par[r].x;
@@ -594,7 +600,7 @@ scan_bwd_kernel(const T* __restrict__ u, const T* __restrict__ delta, const floa
           out[jj] = (part & 1) ? sum * x.w : dt * sum + D_du * dy_k;  // ddelta (odd), du (even)
           dD_acc += dy_k * u_k;
           dbias_acc += out[jj];  // a share of the ddelta sum in odd parts
-          warp_sum_over_channels<M>(red, lane);
+          warp_sum_over_channels<KS, M>(red, lane);
           red_sum[jj] = red[0];
         }
         __syncwarp();  // all four lanes of the row have read the group's records
@@ -615,7 +621,7 @@ scan_bwd_kernel(const T* __restrict__ u, const T* __restrict__ delta, const floa
     __syncthreads();
   }
   flush(0);
-  dbias_acc += __shfl_xor_sync(0xffffffffu, dbias_acc, 2);  // parts 1 and 3
+  if constexpr (KS == 4) dbias_acc += __shfl_xor_sync(0xffffffffu, dbias_acc, 2);  // parts 1 and 3
   if (active) {
     float* out = dADb_part + ((int64_t)b * p.dim + d) * (NMAX + 2);
 #pragma unroll
@@ -698,10 +704,10 @@ scan_bwd_finish_kernel(const float* __restrict__ dBC_part, const float* __restri
   }
 }
 
-// Channels per block: whole warps (32 / kSplit channels each), kMinWarps..kMaxWarps, spread
-// evenly over the fewest blocks.
-dim3 block_grid(int batch, int dim, int* threads) {
-  const int warps_total = std::max(kMinWarps, (dim * kSplit + 31) / 32);
+// Channels per block: whole warps (32 / ks channels each with ks lanes per channel),
+// kMinWarps..kMaxWarps, spread evenly over the fewest blocks.
+dim3 block_grid(int batch, int dim, int* threads, int ks = kSplit) {
+  const int warps_total = std::max(kMinWarps, (dim * ks + 31) / 32);
   const int n_blocks = (warps_total + kMaxWarps - 1) / kMaxWarps;
   const int warps = (warps_total + n_blocks - 1) / n_blocks;
   *threads = warps * 32;
@@ -712,8 +718,8 @@ size_t fwd_smem(int threads, int nmax) {
   const int rows = threads / kSplit;
   return sizeof(float4) * rows * kRowPad + sizeof(float) * 2 * kChunk * (nmax + 4) + sizeof(float2) * rows;
 }
-size_t bwd_smem(int threads, int nmax) {
-  const int rows = threads / kSplit;
+size_t bwd_smem(int threads, int nmax, int ks) {
+  const int rows = threads / ks;
   return sizeof(float4) * rows * kRowPad + sizeof(float) * 2 * kChunk * (nmax + 4) +
          sizeof(float) * kMaxWarps * 2 * nmax * kRedPad + sizeof(float2) * rows;
 }
@@ -751,13 +757,22 @@ int launch_bwd(const ScanShape& p, const void* u, const void* delta, const float
                const float* D, const float* delta_bias, const float* seg_state, const void* dy, void* du,
                void* ddelta, float* dBC_part, float* dADb_part, void* dB, void* dC, float* dA, float* dD,
                float* ddelta_bias, cudaStream_t stream) {
-  int threads;
-  const dim3 grid = block_grid(p.batch, p.dim, &threads);
-  const size_t smem = bwd_smem(threads, NMAX);
-  auto kernel = scan_bwd_kernel<T, NMAX, NMAX <= 8 ? 3 : 2>;
-  if constexpr (NMAX <= 8) {
-    if (grid.x * grid.y > 3u * sm_count()) kernel = scan_bwd_kernel<T, NMAX, 4>;
+  int threads, ks = kSplit;
+  dim3 grid = block_grid(p.batch, p.dim, &threads);
+  auto kernel = scan_bwd_kernel<T, NMAX, kSplit, NMAX <= 8 ? 3 : 2>;
+  if constexpr (NMAX <= 8) {  // the instance that fits one wave, as scan_bwd_kernel describes
+    if (grid.x * grid.y > 3u * sm_count()) {
+      int wide_threads;
+      const dim3 wide_grid = block_grid(p.batch, p.dim, &wide_threads, kWideSplit);
+      if (wide_grid.x * wide_grid.y <= 2u * sm_count()) {
+        kernel = scan_bwd_kernel<T, NMAX, kWideSplit, 2>;
+        grid = wide_grid, threads = wide_threads, ks = kWideSplit;
+      } else {
+        kernel = scan_bwd_kernel<T, NMAX, kSplit, 4>;
+      }
+    }
   }
+  const size_t smem = bwd_smem(threads, NMAX, ks);
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   if (err != cudaSuccess) return err;
   kernel<<<grid, threads, smem, stream>>>(
@@ -811,6 +826,7 @@ bool valid_shape(const ScanShape& p) {
 // synchronises with the host.
 extern "C" {
 
+// Channel blocks of the backward's 4-lane layout: the most any instance uses (dBC_part's size).
 int mv_scan_channel_blocks(int dim) {
   int threads;
   return (int)block_grid(1, dim, &threads).y;

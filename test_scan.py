@@ -204,6 +204,25 @@ def test_kernel_batch_over_one_finish_round(monkeypatch):
 
 
 @cuda
+@pytest.mark.parametrize("l", [50, 1030])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_two_lane_backward(monkeypatch, l, dtype):
+    """Batch 2 x SMs, 100 channels: more than 3 blocks per SM with 4 lanes per channel, one wave at
+    2 blocks per SM with 2 lanes (7 warps of 16 channels, 12 rows past the channel count), so the
+    2-lane backward instance runs (the one B stage 3 takes)."""
+    monkeypatch.setenv("MAMBAVISION_SCAN", "cuda")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    inputs, dy = make_inputs(2 * sms, 100, l, 8, dtype=dtype, device="cuda", seed=13)
+    want_y, want = ref_grads(inputs, dy)
+    y, grads = kernel_run(inputs, dy)
+    assert rel_err(y, want_y) < TOL[dtype]
+    for name, g, w in zip(NAMES, grads, want):
+        assert not g.isnan().any(), f"{name} has unwritten (NaN) elements"
+        tol = max(TOL[dtype], 1e-3) if name in ("dA", "dD", "ddelta_bias") and dtype != torch.float32 else TOL[dtype]
+        assert rel_err(g, w) < tol, name
+
+
+@cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kernel_is_deterministic(dtype):
     inputs, dy = make_inputs(16, 320, 196, 8, dtype=dtype, device="cuda", seed=7)
