@@ -85,8 +85,10 @@ def reference(state, model_args, root, img_size=IMG_SIZE):
 
 
 def run_main(argv, capsys):
-    """eval.main in this process; returns (exit code, JSON result or None, stdout, stderr)."""
-    code = ev.main(argv)
+    """eval.main in this process, on the CPU unless argv names a device (the results are compared
+    with reference(), which runs on the CPU; a GPU would differ in the last bits); returns (exit
+    code, JSON result or None, stdout, stderr)."""
+    code = ev.main(argv if "--device" in argv else [*argv, "--device", "cpu"])
     out, err = capsys.readouterr()
     lines = [line for line in out.splitlines() if line.startswith("{")]
     return code, (json.loads(lines[-1]) if lines else None), out, err

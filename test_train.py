@@ -32,13 +32,17 @@ def demo_dir(tmp_path_factory):
                                   val_per_class=2)
 
 
+# train.py in a fresh process runs on the CPU also where there is a GPU: the tests compare runs
+# across process counts, and a 2-process run on one GPU would look for a second.
+TRAIN_ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=HERE, CUDA_VISIBLE_DEVICES="")
+
+
 def run_train(*flags, nproc=None, timeout=120):
     """train.py in a fresh process (through torchrun for nproc): returns the CompletedProcess."""
     launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]  # a free port each time
     cmd = [sys.executable] + (launcher if nproc else []) + \
           [os.path.join(HERE, "train.py")] + list(flags)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=HERE)
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=HERE)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=TRAIN_ENV, cwd=HERE)
 
 
 def load(path):
@@ -177,9 +181,8 @@ def test_kill_and_resume_equals_the_straight_run(demo_dir, tmp_path):
     assert resumed.returncode == 0 and "resumed from" in resumed.stdout
     # 2) SIGKILL once the first checkpoint is on disk, then the same command again
     killed = tmp_path / "killed"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=HERE)
     proc = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), *flags, "--output-dir", str(killed)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=HERE)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=TRAIN_ENV, cwd=HERE)
     deadline = time.time() + 60
     while not (killed / "last.pt").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
