@@ -8,30 +8,32 @@
 //
 // Layout of the work. The scan is short along l (49..1024 in MambaVision) and wide along b x d.
 // Each (b, d) row is owned by kSplit = 4 neighbouring lanes of a warp, each keeping NT = NMAX / 4
-// of the states in registers (one backward instance: 2 lanes of 4 states, kWideSplit). A block owns
-// one batch row b and 16..64 channels (4..8 warps; 2-lane: 32..128). It stages kChunk = 32 tokens
-// at a time in shared memory: every thread loads one token of 8 rows (2-lane: 16) per tensor (coalesced, all loads in flight before the first use, 32-bit offsets, rows past the
-// channel count and tokens past l clamped to a valid address, zeroed by a select where it matters,
-// no predicated address arithmetic), turns delta into dt = softplus(delta + delta_bias) once per element, and
-// writes one 16-byte record per (row, token), so that each lane reads everything it needs of a
-// token with one vector load:
+// of the states in registers (one backward instance: kWideSplit = 2 lanes of 4 states). A block
+// owns one batch row b and 16..64 channels (4..8 warps; 2 lanes: 32..128). It stages kChunk = 32
+// tokens at a time in shared memory: every thread loads one token of 8 rows (2 lanes: 16) per
+// tensor (coalesced, all loads in flight before the first use, 32-bit offsets, rows past the
+// channel count and tokens past l clamped to a valid address, zeroed by a select where it
+// matters, no predicated address arithmetic), turns delta into dt = softplus(delta + delta_bias)
+// once per element, and writes one 16-byte record per (row, token), so that each lane reads
+// everything it needs of a token with one vector load:
 //     forward  x = (dt, dt u, D u, 0)       backward  x = (u, dt, dy, sigmoid(delta + delta_bias))
 // The loads are issued early: the forward loads chunk c + 1 into registers before chunk c's token
 // loop, the backward loads chunk c before it writes out chunk c + 1's results; the loaded values
 // stay raw (no conversion, no select) until the staging that uses them, since an instruction that
-// reads a loaded register waits for the load. B and C (shared by
-// all channels) are staged once per block, transposed to [token][NMAX]. States beyond the real n
-// (when n < NMAX) have A = B = C = 0 and stay zero. Tokens are processed in unrolled, branch-free
-// segments of K tokens (K = 8 for NMAX 8, 4 for NMAX 16).
+// reads a loaded register waits for the load. B and C (shared by all channels) are staged once per
+// block, transposed to [token][NMAX]. States beyond the real n (when n < NMAX) have A = B = C = 0
+// and stay zero. Tokens are processed in unrolled, branch-free segments of K tokens (K = 8 for
+// NMAX 8, 4 for NMAX 16).
 //
-// Sums over a row's states leave the token loops: once the four lanes of a row have read a token's
+// Sums over a row's states leave the token loops: once the lanes of a row have read a token's
 // record, each writes its partial result over one field of it (forward: its share of y; backward:
 // its pair's shares of du and ddelta), and the phase that writes the chunk's outputs adds them.
-// For n <= 8 both kernels fit 64 registers, so that 4 blocks of 8 warps share an SM (B stage 3's
-// 512 blocks run in one wave). Where the grid fits one wave at 3 blocks per SM (T stage 3), both
-// run an 80-register instance. Lanes write their per-token results in groups of tokens
-// (forward 4, backward 2 at 80 registers, 1 at 64), after the group's reads, so that the group's
-// steps (shared-memory loads, exp2, shuffle chains) overlap.
+// For n <= 8 both kernels fit 64 registers, so that 4 blocks of 8 warps share an SM. Where the
+// grid fits one wave at 3 blocks per SM (T stage 3), both run an 80-register instance; where it
+// does not but the backward's 2-lane grid fits one wave at 2 blocks per SM (B stage 3), the
+// backward runs that one (128 registers). Lanes write their per-token results in groups of tokens
+// (forward 4, backward 2 at 80 and 128 registers, 1 at 64), after the group's reads, so that the
+// group's steps (shared-memory loads, exp2, shuffle chains) overlap.
 //
 // Forward (scan_fwd_kernel): one pass. When gradients will be needed (scan.py's training op), it
 // also writes the state entering every segment, seg_state[b][d][seg][NMAX] (float32: 4 bytes per
