@@ -328,29 +328,30 @@ __device__ __forceinline__ void stage_params(float2* s_par, const float* delta_b
     s_par[r] = r < valid_rows ? make_float2(delta_bias[d0 + r], Dskip[d0 + r]) : make_float2(0.f, 0.f);
 }
 
-// MIN_BLOCKS per SM: 3 (80 registers) for n > 8 and where the grid fits one wave at 3 blocks per SM
-// (T stage 3), else 4 (64 registers: B stage 3's 512 blocks in one wave). At 64 registers the
-// chunk prefetched in registers leaves the token loop one record in flight at a time.
-template <typename T, int NMAX, int MIN_BLOCKS>
+// KS lanes per row, MIN_BLOCKS per SM, as for the backward: 4 lanes and 3 blocks (80 registers) for
+// n > 8 and where the grid fits one wave so (T stage 3); else, for n <= 8, 2 lanes of 4 states and 2
+// blocks (128 registers) where that grid fits one wave (B stage 3); else 4 lanes and 4 blocks (64
+// registers, where the chunk prefetched in registers leaves the token loop one record in flight).
+template <typename T, int NMAX, int KS, int MIN_BLOCKS>
 __global__ void __launch_bounds__(kMaxWarps * 32, MIN_BLOCKS)  // no spills
 scan_fwd_kernel(const T* __restrict__ u, const T* __restrict__ delta, const float* __restrict__ A,
                 const T* __restrict__ Bs, const T* __restrict__ Cs, const float* __restrict__ Dskip,
                 const float* __restrict__ delta_bias, T* __restrict__ y,
                 float* __restrict__ seg_state,  // [b][d][n_seg][NMAX] or nullptr: state entering each segment
                 ScanShape p) {
-  constexpr int NT = NMAX / kSplit, K = kSegLen<NMAX>;
+  constexpr int NT = NMAX / KS, K = kSegLen<NMAX>;
   constexpr int G = 4;  // tokens per group of steps whose partial-y writes wait for the group's end
   extern __shared__ float4 smem_f4[];
-  const int rows = blockDim.x / kSplit;
-  float4* s_x = smem_f4;  // [rows][kRowPad]: (dt, dt u, D u, 0), then the 4 lanes' partial y
+  const int rows = blockDim.x / KS;
+  float4* s_x = smem_f4;  // [rows][kRowPad]: (dt, dt u, D u, 0), then the lanes' partial y
   float* s_B = reinterpret_cast<float*>(s_x + rows * kRowPad);              // [kChunk][kStatePitch]
   float* s_C = s_B + kChunk * kStatePitch<NMAX>;                            // [kChunk][kStatePitch]
   float2* s_par = reinterpret_cast<float2*>(s_C + kChunk * kStatePitch<NMAX>);  // [rows]: (delta_bias, D)
 
-  const int b = blockIdx.x, d0 = blockIdx.y * rows, row = threadIdx.x / kSplit, part = threadIdx.x % kSplit;
+  const int b = blockIdx.x, d0 = blockIdx.y * rows, row = threadIdx.x / KS, part = threadIdx.x % KS;
   const int d = d0 + row, valid_rows = min(rows, p.dim - d0);
   const bool active = d < p.dim;
-  const Tile<kSplit> tile(valid_rows, p.len);
+  const Tile<KS> tile(valid_rows, p.len);
   stage_params(s_par, delta_bias, Dskip, d0, rows, valid_rows);
   float A2[NT];  // this lane's states n = part * NT + i: A * log2(e), so exp(dt A) = 2^(dt A2)
 #pragma unroll
@@ -372,7 +373,7 @@ scan_fwd_kernel(const T* __restrict__ u, const T* __restrict__ delta, const floa
   for (int i = 0; i < NT; ++i) h[i] = 0.f;
   // A chunk's inputs are loaded into registers one chunk ahead: their latency hides behind the
   // token loop of the chunk before.
-  T v[2][Tile<kSplit>::kRows], bc[2][kStateLoads<NMAX>];  // u, delta; B, C
+  T v[2][Tile<KS>::kRows], bc[2][kStateLoads<NMAX>];  // u, delta; B, C
   tile.template load_rows<T, 2>({u_b, delta_b}, 0, v);
   tile.template load_states<T, NMAX, 2>({B_b, C_b}, p.nstate, 0, bc);
   __syncthreads();  // s_par
@@ -380,7 +381,7 @@ scan_fwd_kernel(const T* __restrict__ u, const T* __restrict__ delta, const floa
   for (int t0 = 0; t0 < p.len; t0 += kChunk) {
     tile.template store_states<T, NMAX, 2>(bc, p.nstate, s_B);
 #pragma unroll
-    for (int j = 0; j < Tile<kSplit>::kRows; ++j) {
+    for (int j = 0; j < Tile<KS>::kRows; ++j) {
       const int r = tile.warp + j * tile.warps;
       const float2 par = s_par[r];
       const float u_j = to_float(v[0][j]), x = to_float(v[1][j]) + par.x;
@@ -394,9 +395,10 @@ scan_fwd_kernel(const T* __restrict__ u, const T* __restrict__ delta, const floa
     __syncthreads();
     // Tokens past l read finite u, B, C; their y is never stored, and h is not used after the last
     // chunk (nor saved: their segments do not exist). Each lane sums C h over its own states only
-    // (part 2 adds D u) and, once all four lanes of its row have read the records of a group of G
-    // tokens, writes its partial y over field `part` of each; the store phase adds the four. (The
-    // writes wait for the group's end so that the group's loads and steps overlap.)
+    // (with 4 lanes, part 2 adds D u) and, once all lanes of its row have read the records of a
+    // group of G tokens, writes its partial y over field `part` of each; the store phase adds the
+    // four fields (with 2 lanes, fields 2 and 3 still hold D u and 0). (The writes wait for the
+    // group's end so that the group's loads and steps overlap.)
     const int len = min(kChunk, p.len - t0);
     for (int k0 = 0; k0 < len; k0 += K) {
       if (my_seg_state != nullptr && active) store_state<NT>(my_seg_state + ((t0 + k0) / K) * NMAX, h);
@@ -410,7 +412,7 @@ scan_fwd_kernel(const T* __restrict__ u, const T* __restrict__ delta, const floa
           float B_k[NT], C_k[NT];
           read_states<NMAX, NT>(s_B, k, part, B_k);
           read_states<NMAX, NT>(s_C, k, part, C_k);
-          y_part[j] = part == 2 ? x.z : 0.f;
+          y_part[j] = (KS == 4 && part == 2) ? x.z : 0.f;
 #pragma unroll
           for (int i = 0; i < NT; ++i) {
             h[i] = exp2_approx(x.x * A2[i]) * h[i] + x.y * B_k[i];
@@ -716,8 +718,8 @@ dim3 block_grid(int batch, int dim, int* threads, int ks = kSplit) {
   return dim3(batch, n_blocks);
 }
 
-size_t fwd_smem(int threads, int nmax) {
-  const int rows = threads / kSplit;
+size_t fwd_smem(int threads, int nmax, int ks) {
+  const int rows = threads / ks;
   return sizeof(float4) * rows * kRowPad + sizeof(float) * 2 * kChunk * (nmax + 4) + sizeof(float2) * rows;
 }
 size_t bwd_smem(int threads, int nmax, int ks) {
@@ -739,13 +741,22 @@ unsigned sm_count() {
 template <typename T, int NMAX>
 int launch_fwd(const ScanShape& p, const void* u, const void* delta, const float* A, const void* B, const void* C,
                const float* D, const float* delta_bias, void* y, float* seg_state, cudaStream_t stream) {
-  int threads;
-  const dim3 grid = block_grid(p.batch, p.dim, &threads);
-  const size_t smem = fwd_smem(threads, NMAX);
-  auto kernel = scan_fwd_kernel<T, NMAX, 3>;
-  if constexpr (NMAX <= 8) {
-    if (grid.x * grid.y > 3u * sm_count()) kernel = scan_fwd_kernel<T, NMAX, 4>;
+  int threads, ks = kSplit;
+  dim3 grid = block_grid(p.batch, p.dim, &threads);
+  auto kernel = scan_fwd_kernel<T, NMAX, kSplit, 3>;
+  if constexpr (NMAX <= 8) {  // the instance that fits one wave, as scan_fwd_kernel describes
+    if (grid.x * grid.y > 3u * sm_count()) {
+      int wide_threads;
+      const dim3 wide_grid = block_grid(p.batch, p.dim, &wide_threads, kWideSplit);
+      if (wide_grid.x * wide_grid.y <= 2u * sm_count()) {
+        kernel = scan_fwd_kernel<T, NMAX, kWideSplit, 2>;
+        grid = wide_grid, threads = wide_threads, ks = kWideSplit;
+      } else {
+        kernel = scan_fwd_kernel<T, NMAX, kSplit, 4>;
+      }
+    }
   }
+  const size_t smem = fwd_smem(threads, NMAX, ks);
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   if (err != cudaSuccess) return err;
   kernel<<<grid, threads, smem, stream>>>(static_cast<const T*>(u), static_cast<const T*>(delta), A,

@@ -206,10 +206,10 @@ def test_kernel_batch_over_one_finish_round(monkeypatch):
 @cuda
 @pytest.mark.parametrize("l", [50, 1030])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kernel_two_lane_backward(monkeypatch, l, dtype):
+def test_kernel_two_lane_instances(monkeypatch, l, dtype):
     """Batch 2 x SMs, 100 channels: more than 3 blocks per SM with 4 lanes per channel, one wave at
     2 blocks per SM with 2 lanes (7 warps of 16 channels, 12 rows past the channel count), so the
-    2-lane backward instance runs (the one B stage 3 takes); two runs give the same bits."""
+    2-lane forward and backward run (the ones B stage 3 takes); two runs give the same bits."""
     monkeypatch.setenv("MAMBAVISION_SCAN", "cuda")
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     inputs, dy = make_inputs(2 * sms, 100, l, 8, dtype=dtype, device="cuda", seed=13)
