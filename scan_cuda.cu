@@ -8,9 +8,9 @@
 //
 // Layout of the work. The scan is short along l (49..1024 in MambaVision) and wide along b x d.
 // Each (b, d) row is owned by kSplit = 4 neighbouring lanes of a warp, each keeping NT = NMAX / 4
-// of the states in registers (one backward instance: kWideSplit = 2 lanes of 4 states). A block
-// owns one batch row b and 16..64 channels (4..8 warps; 2 lanes: 32..128). It stages kChunk = 32
-// tokens at a time in shared memory: every thread loads one token of 8 rows (2 lanes: 16) per
+// of the states in registers (one instance of each kernel: kWideSplit = 2 lanes of 4 states). A
+// block owns one batch row b and 16..64 channels (4..8 warps; 2 lanes: 32..128). It stages kChunk =
+// 32 tokens at a time in shared memory: every thread loads one token of 8 rows (2 lanes: 16) per
 // tensor (coalesced, all loads in flight before the first use, 32-bit offsets, rows past the
 // channel count and tokens past l clamped to a valid address, zeroed by a select where it
 // matters, no predicated address arithmetic), turns delta into dt = softplus(delta + delta_bias)
@@ -30,8 +30,8 @@
 // its pair's shares of du and ddelta), and the phase that writes the chunk's outputs adds them.
 // For n <= 8 both kernels fit 64 registers, so that 4 blocks of 8 warps share an SM. Where the
 // grid fits one wave at 3 blocks per SM (T stage 3), both run an 80-register instance; where it
-// does not but the backward's 2-lane grid fits one wave at 2 blocks per SM (B stage 3), the
-// backward runs that one (128 registers). Lanes write their per-token results in groups of tokens
+// does not but the 2-lane grid fits one wave at 2 blocks per SM (B stage 3), both run their 2-lane
+// instance (128 registers). Lanes write their per-token results in groups of tokens
 // (forward 4, backward 2 at 80 and 128 registers, 1 at 64), after the group's reads, so that the
 // group's steps (shared-memory loads, exp2, shuffle chains) overlap.
 //
