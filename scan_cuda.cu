@@ -77,7 +77,7 @@ constexpr int kChunk = 32;           // tokens staged in shared memory per pass 
 constexpr int kRowPad = kChunk + 1;  // padded row stride of the staged tiles: no bank conflicts
 constexpr int kRedPad = kChunk + 4;  // row stride of the dB, dC sums: a warp's rows start 4 banks apart
 constexpr int kSplit = 4;            // lanes per (b, d) row, each with NMAX / kSplit states
-constexpr int kWideSplit = 2;        // the backward's other layout (n <= 8): 2 lanes per row, 4 states each
+constexpr int kWideSplit = 2;        // the other layout (n <= 8, B stage 3): 2 lanes per row, 4 states each
 constexpr int kMinWarps = 4;         // 4..8 warps per block
 constexpr int kMaxWarps = 8;
 constexpr float kLog2e = 1.4426950408889634f;
