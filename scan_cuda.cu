@@ -738,25 +738,33 @@ unsigned sm_count() {
   return cached[dev];
 }
 
+// The instance that runs a grid (the kernels' comments say why). n > 8: 4 lanes per row (kFour).
+// n <= 8: 4 lanes at 3 blocks per SM where the grid fits one wave so (kFour); else 2 lanes at 2
+// blocks where that grid fits one wave (kTwoLanes: grid and threads are set for it); else 4 lanes
+// at 4 blocks (kFourAt4).
+enum class Instance { kFour, kTwoLanes, kFourAt4 };
+Instance pick_instance(const ScanShape& p, int nmax, dim3* grid, int* threads) {
+  *grid = block_grid(p.batch, p.dim, threads);
+  if (nmax > 8 || grid->x * grid->y <= 3u * sm_count()) return Instance::kFour;
+  int wide_threads;
+  const dim3 wide_grid = block_grid(p.batch, p.dim, &wide_threads, kWideSplit);
+  if (wide_grid.x * wide_grid.y > 2u * sm_count()) return Instance::kFourAt4;
+  *grid = wide_grid, *threads = wide_threads;
+  return Instance::kTwoLanes;
+}
+
 template <typename T, int NMAX>
 int launch_fwd(const ScanShape& p, const void* u, const void* delta, const float* A, const void* B, const void* C,
                const float* D, const float* delta_bias, void* y, float* seg_state, cudaStream_t stream) {
-  int threads, ks = kSplit;
-  dim3 grid = block_grid(p.batch, p.dim, &threads);
+  int threads;
+  dim3 grid;
+  const Instance instance = pick_instance(p, NMAX, &grid, &threads);
   auto kernel = scan_fwd_kernel<T, NMAX, kSplit, 3>;
-  if constexpr (NMAX <= 8) {  // the instance that fits one wave, as scan_fwd_kernel describes
-    if (grid.x * grid.y > 3u * sm_count()) {
-      int wide_threads;
-      const dim3 wide_grid = block_grid(p.batch, p.dim, &wide_threads, kWideSplit);
-      if (wide_grid.x * wide_grid.y <= 2u * sm_count()) {
-        kernel = scan_fwd_kernel<T, NMAX, kWideSplit, 2>;
-        grid = wide_grid, threads = wide_threads, ks = kWideSplit;
-      } else {
-        kernel = scan_fwd_kernel<T, NMAX, kSplit, 4>;
-      }
-    }
+  if constexpr (NMAX <= 8) {
+    if (instance == Instance::kTwoLanes) kernel = scan_fwd_kernel<T, NMAX, kWideSplit, 2>;
+    if (instance == Instance::kFourAt4) kernel = scan_fwd_kernel<T, NMAX, kSplit, 4>;
   }
-  const size_t smem = fwd_smem(threads, NMAX, ks);
+  const size_t smem = fwd_smem(threads, NMAX, instance == Instance::kTwoLanes ? kWideSplit : kSplit);
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   if (err != cudaSuccess) return err;
   kernel<<<grid, threads, smem, stream>>>(static_cast<const T*>(u), static_cast<const T*>(delta), A,
@@ -770,22 +778,15 @@ int launch_bwd(const ScanShape& p, const void* u, const void* delta, const float
                const float* D, const float* delta_bias, const float* seg_state, const void* dy, void* du,
                void* ddelta, float* dBC_part, float* dADb_part, void* dB, void* dC, float* dA, float* dD,
                float* ddelta_bias, cudaStream_t stream) {
-  int threads, ks = kSplit;
-  dim3 grid = block_grid(p.batch, p.dim, &threads);
+  int threads;
+  dim3 grid;
+  const Instance instance = pick_instance(p, NMAX, &grid, &threads);
   auto kernel = scan_bwd_kernel<T, NMAX, kSplit, NMAX <= 8 ? 3 : 2>;
-  if constexpr (NMAX <= 8) {  // the instance that fits one wave, as scan_bwd_kernel describes
-    if (grid.x * grid.y > 3u * sm_count()) {
-      int wide_threads;
-      const dim3 wide_grid = block_grid(p.batch, p.dim, &wide_threads, kWideSplit);
-      if (wide_grid.x * wide_grid.y <= 2u * sm_count()) {
-        kernel = scan_bwd_kernel<T, NMAX, kWideSplit, 2>;
-        grid = wide_grid, threads = wide_threads, ks = kWideSplit;
-      } else {
-        kernel = scan_bwd_kernel<T, NMAX, kSplit, 4>;
-      }
-    }
+  if constexpr (NMAX <= 8) {
+    if (instance == Instance::kTwoLanes) kernel = scan_bwd_kernel<T, NMAX, kWideSplit, 2>;
+    if (instance == Instance::kFourAt4) kernel = scan_bwd_kernel<T, NMAX, kSplit, 4>;
   }
-  const size_t smem = bwd_smem(threads, NMAX, ks);
+  const size_t smem = bwd_smem(threads, NMAX, instance == Instance::kTwoLanes ? kWideSplit : kSplit);
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   if (err != cudaSuccess) return err;
   kernel<<<grid, threads, smem, stream>>>(
