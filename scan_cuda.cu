@@ -223,8 +223,8 @@ struct Tile {
 
   // Write tokens [t0, t0 + 32) of this thread's real rows of W tensors dst (b, d, l) (pointers at
   // (b, d0, 0)) from the [rows][kRowPad] records s, whose field f < KS holds lane part f's partial
-  // result of the (row, token): W = 1 writes the sum of all four fields (KS = 4), W = 2 the sums of
-  // the even and of the odd fields < KS.
+  // result of the (row, token): W = 1 writes the sum of all four fields (the forward: with 2 lanes,
+  // fields 2 and 3 still hold D u and 0), W = 2 the sums of the even and of the odd fields < KS.
   template <typename T, int W>
   __device__ __forceinline__ void store_rows(T* const (&dst)[W], const float4* s, int t0) const {
     static_assert(W == 1 || W == 2, "one or two outputs per record");

@@ -281,6 +281,8 @@ def all_reduce_sum(values, device):
 
 def all_reduce_mean_(tensors):
     """Average tensors over the ranks, in place, with one collective on one flat buffer."""
+    if not tensors:
+        return
     flat = torch.cat([t.reshape(-1) for t in tensors])
     dist.all_reduce(flat)
     flat.div_(dist.get_world_size())
@@ -298,11 +300,9 @@ def average_bn_stats(model):
     """Average BatchNorm running statistics over ranks, so every rank evaluates the same network."""
     if not dist.is_initialized():
         return
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
-            for buf in (m.running_mean, m.running_var):
-                dist.all_reduce(buf)
-                buf.div_(dist.get_world_size())
+    all_reduce_mean_([buf for m in model.modules()
+                      if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None
+                      for buf in (m.running_mean, m.running_var)])
 
 
 def check_replicas_in_sync(model, what="weights"):
