@@ -1,0 +1,266 @@
+"""Benchmark harnesses, one subcommand each:
+    python bench.py loader [--workers 1 8 16] [--imagenet-sizes] ...   decode + augment images/s (CPU)
+    python bench.py scan [--kernels-only]                              the selective-scan kernels (GPU)
+`python bench.py SUBCOMMAND --help` lists each one's options.
+"""
+import argparse
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+import scan
+from data import EpochSampler, ImageFolder, TrainTransform, load_rgb, make_loader
+from synthetic import IMAGENET_SIZES, make_photo_dataset
+
+# ----------------------------------------------------------------------------------------------
+# python bench.py loader: decode + training transform, in one process and through DataLoader workers
+
+ONE_PROCESS_IMAGES = 500  # files timed in one process: five cycles of IMAGENET_SIZES' 100 pictures
+
+
+def add_loader_args(p):
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="DataLoader worker counts to time")
+    p.add_argument("--images", type=int, default=512, help="JPEG files to write and read")
+    sizes = p.add_mutually_exclusive_group()
+    sizes.add_argument("--size", type=int, nargs=2, default=[500, 375], metavar=("W", "H"), help="JPEG width and height")
+    sizes.add_argument("--imagenet-sizes", action="store_true",
+                       help="instead, ImageNet's mix of sizes (synthetic.IMAGENET_SIZE_MIX)")
+    p.add_argument("--quality", type=int, default=90, help="JPEG quality")
+    p.add_argument("--img-size", type=int, default=224, help="training image side")
+    p.add_argument("--randaugment", type=int, choices=(0, 1), default=1, help="RandAugment on/off")
+    p.add_argument("--batch-size", type=int, default=32, help="loader batch size")
+    p.add_argument("--repeat", type=int, default=3, help="one-process passes per setting; fastest and median shown")
+    p.add_argument("--draft", type=int, nargs="+", choices=(0, 1), default=[0, 1],
+                   help="JPEG draft mode settings to time (0 off, 1 on)")
+
+
+def time_pass(fn):
+    t0 = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - t0, result
+
+
+def loader_bench(args):
+    """Images/s of decode alone and of decode + training transform in one process (the passes of
+    the draft settings alternate, so a busy machine slows them alike), then through DataLoader
+    workers, on freshly written photo-like JPEGs."""
+    sizes = IMAGENET_SIZES if args.imagenet_sizes else (tuple(args.size),)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = os.path.join(make_photo_dataset(tmp, args.images, 0, classes=1, sizes=sizes,
+                                               quality=args.quality), "train")
+        sets = {draft: ImageFolder(root, TrainTransform(args.img_size, bool(args.randaugment), 0.25, draft=draft))
+                for draft in args.draft}
+        paths = [path for path, _ in sets[args.draft[0]].samples][:ONE_PROCESS_IMAGES]
+        kb = np.mean([os.path.getsize(path) for path in paths]) / 1e3
+        shape = "ImageNet's mix of sizes" if args.imagenet_sizes else f"{args.size[0]} x {args.size[1]} px"
+        print(f"{args.images} JPEGs of {shape}, quality {args.quality}, {kb:.0f} KB on average; training "
+              f"transform to {args.img_size} px (RandAugment {'on' if args.randaugment else 'off'}, random "
+              f"erasing 0.25) to uint8 pictures + erase boxes (normalising and the erase noise run on the "
+              f"GPU); torch threads 1; one process: {len(paths)} files, {args.repeat} passes")
+        torch.set_num_threads(1)
+        widths = []
+        for path in paths:
+            with Image.open(path) as img:
+                widths.append(img.size[0])
+
+        def decode_all(draft):  # -> how many came out at a reduced scale
+            transform = sets[draft].transform
+            images = (transform.load(path, random.Random(i))[0] if draft else load_rgb(path)
+                      for i, path in enumerate(paths))
+            return sum(img.size[0] < width for img, width in zip(images, widths))
+
+        def transform_all(draft):
+            return [sets[draft][(i, i)] for i in range(len(paths))]
+
+        times = {(draft, step): [] for draft in args.draft for step in ("decode", "whole")}
+        reduced = {}
+        for _ in range(args.repeat):
+            for draft in args.draft:
+                seconds, reduced[draft] = time_pass(lambda: decode_all(draft))
+                times[draft, "decode"].append(seconds)
+                times[draft, "whole"].append(time_pass(lambda: transform_all(draft))[0])
+        for draft in args.draft:
+            decode, whole = (len(paths) / min(times[draft, step]) for step in ("decode", "whole"))
+            median = len(paths) / statistics.median(times[draft, "whole"])
+            print(f"draft {'on ' if draft else 'off'}: one process: decode {decode:.0f} images/s "
+                  f"({100 * reduced[draft] / len(paths):.0f}% at reduced scale), decode + transform {whole:.0f} "
+                  f"images/s ({1000 / whole:.2f} ms an image; median pass {median:.0f} images/s)")
+        for draft in args.draft:
+            ds = sets[draft]
+            for workers in args.workers:
+                sampler = EpochSampler(len(ds), shuffle=True, seed=0, batch_size=args.batch_size)
+                loader = make_loader(ds, args.batch_size, sampler, workers, train=True)
+                for _ in loader:  # the first epoch starts the (persistent) workers; the second is timed
+                    pass
+                n, t0 = 0, None
+                for k, ((x, _), _) in enumerate(loader):  # ((uint8 pictures, erase boxes), labels)
+                    n += x.shape[0] if t0 is not None else 0
+                    if k == workers - 1:  # every worker's first batch is in: the steady state starts
+                        t0 = time.perf_counter()
+                rate = n / (time.perf_counter() - t0)
+                print(f"draft {'on ' if draft else 'off'}: DataLoader, {workers} worker(s): {rate:.0f} "
+                      f"images/s, {rate / workers:.0f} per worker")
+                del loader
+
+
+# ----------------------------------------------------------------------------------------------
+# python bench.py scan: the CUDA kernels against the reference at MambaVision's shapes, and the
+# bytes floor
+
+BENCH_SHAPES = (  # name, batch, d (channels of the scan = half the level width), l (window tokens), n
+    ("T stage 3", 128, 160, 196, 8),
+    ("T stage 4", 128, 320, 49, 8),
+    ("B stage 3", 128, 256, 196, 8),
+    ("L2-512 stage 3", 128, 392, 1024, 8),
+)
+
+
+def add_scan_args(p):
+    p.add_argument("--kernels-only", action="store_true", help="time the kernels only, not the (slow) reference")
+
+
+def _bench_inputs(batch, d, l, n, dtype, device="cuda"):
+    """Fresh random inputs at MambaVision-like scales (never zeros)."""
+    u = torch.randn(batch, d, l, device=device).to(dtype)
+    delta = (0.5 * torch.randn(batch, d, l, device=device) - 1.0).to(dtype)
+    A = -torch.arange(1, n + 1, device=device, dtype=torch.float32).repeat(d, 1) * torch.rand(d, 1, device=device).add(0.5)
+    B, C = (torch.randn(batch, n, l, device=device).to(dtype) for _ in range(2))
+    D = torch.randn(d, device=device)
+    delta_bias = 0.5 * torch.randn(d, device=device)
+    return u, delta, A, B, C, D, delta_bias
+
+
+def _graph_time_us(fn, sets, reps=20):
+    """Median time of one call of fn(*inputs), from CUDA-graph replays that cycle over `sets`
+    (several input sets, so that repeated calls do not just reread the L2 cache)."""
+    for args in sets:  # warm-up outside the graph (build, allocator)
+        fn(*args)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for args in sets:
+            fn(*args)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(reps):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1000 / len(sets))
+    return sorted(times)[len(times) // 2]
+
+
+def _eager_time_us(fn, args, reps=3):
+    fn(*args)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn(*args)
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e6)
+    return sorted(times)[len(times) // 2]
+
+
+def _copy_bandwidth():
+    """Device-to-device copy rate in bytes/s, counting bytes read plus bytes written."""
+    src = torch.randn(256 * 2**20, device="cuda")  # 1 GiB
+    dst = torch.empty_like(src)
+    us = _graph_time_us(lambda: dst.copy_(src), [()], reps=10)
+    return 2 * src.numel() * 4 / (us * 1e-6)
+
+
+def _min_bytes(batch, d, l, n, dtype):
+    """Fewest bytes each pass must move: every input read once, every output written once."""
+    es = torch.finfo(dtype).bits // 8
+    rows, states = batch * d * l * es, batch * n * l * es  # one (b, d, l) tensor, one (b, n, l) tensor
+    params = d * (n + 2) * 4
+    fwd = 3 * rows + 2 * states + params                    # u, delta, B, C in; y out
+    bwd = 5 * rows + 4 * states + 2 * params                # u, delta, dy, B, C in; du, ddelta, dB, dC, dA.. out
+    return fwd, fwd + bwd
+
+
+def scan_bench(reference=True):
+    if not torch.cuda.is_available():
+        sys.exit("bench.py scan needs a CUDA GPU")
+    os.environ["MAMBAVISION_SCAN"] = "cuda"  # fail loudly instead of timing the reference twice
+    t0 = time.perf_counter()
+    scan._kernels_ready(required=True)
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
+          f"kernel build/load {time.perf_counter() - t0:.1f} s")
+    copy_bw = _copy_bandwidth()
+    print(f"device-to-device copy: {copy_bw / 1e12:.2f} TB/s (read + write)")
+    ops = torch.ops.mambavision
+    fwd_op, train_op, bwd_op = ops.selective_scan, ops.selective_scan_train, ops.selective_scan_backward
+
+    def kernel_fwd_bwd(u, delta, A, B, C, D, delta_bias, dy):  # what a training step runs for the scan
+        _, seg_state = train_op(u, delta, A, B, C, D, delta_bias, True)
+        bwd_op(u, delta, A, B, C, D, delta_bias, seg_state, dy, True)
+
+    def ref_fwd_bwd(u, delta, A, B, C, D, delta_bias, dy):
+        inputs = [t.detach().requires_grad_() for t in (u, delta, A, B, C, D, delta_bias)]
+        torch.autograd.grad(scan.selective_scan_ref(*inputs), inputs, dy)
+
+    rows = []
+    for name, batch, d, l, n in BENCH_SHAPES:
+        for dtype in (torch.float32, torch.bfloat16):
+            sets = []
+            for _ in range(3):
+                inputs = _bench_inputs(batch, d, l, n, dtype)
+                sets.append((*inputs, torch.randn(batch, d, l, device="cuda").to(dtype)))
+            fwd = _graph_time_us(lambda *a: fwd_op(*a[:7], True), sets)
+            train_fwd = _graph_time_us(lambda *a: train_op(*a[:7], True), sets)
+            both = _graph_time_us(kernel_fwd_bwd, sets)
+            ref_fwd = ref_both = float("nan")
+            if reference:
+                with torch.no_grad():
+                    ref_fwd = _eager_time_us(lambda *a: scan.selective_scan_ref(*a[:7]), sets[0])
+                ref_both = _eager_time_us(ref_fwd_bwd, sets[0])
+            del sets
+            fwd_bytes, both_bytes = _min_bytes(batch, d, l, n, dtype)
+            rows.append((name, batch, d, l, n, str(dtype).replace("torch.", ""), fwd, train_fwd, both, ref_fwd,
+                         ref_both, both_bytes / 1e6, both_bytes / (both * 1e-6) / copy_bw))
+            torch.cuda.empty_cache()
+    print("\n| shape (batch, d, l, n) | dtype | kernel fwd us | kernel train fwd us | kernel fwd+bwd us | ref fwd us "
+          "| ref fwd+bwd us | fwd+bwd min MB | floor us | fwd+bwd / copy bw |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name, batch, d, l, n, dt, fwd, train_fwd, both, ref_fwd, ref_both, mb, frac in rows:
+        floor = mb * 1e6 / copy_bw * 1e6
+        print(f"| {name} ({batch}, {d}, {l}, {n}) | {dt} | {fwd:.1f} | {train_fwd:.1f} | {both:.1f} | {ref_fwd:.0f} "
+              f"| {ref_both:.0f} | {mb:.1f} | {floor:.1f} | {100 * frac:.0f}% |")
+
+
+# ----------------------------------------------------------------------------------------------
+# python bench.py train: the training-step benchmark goes here (its add_train_args, its function
+# and its line in main), as the two above.
+
+# ----------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Benchmark harnesses: the data loader (CPU), the selective scan (GPU)")
+    commands = p.add_subparsers(dest="command", required=True)
+    loader = commands.add_parser("loader", help="decode + augment images/s on photo-like JPEGs, with and "
+                                 "without Pillow's JPEG draft mode")
+    add_loader_args(loader)
+    add_scan_args(commands.add_parser("scan", help="time the CUDA selective-scan kernels against the "
+                                      "reference at MambaVision's shapes (needs a GPU)"))
+    args = p.parse_args(argv)
+    if args.command == "loader":
+        if min(args.workers) < 1 or args.images < (max(args.workers) + 2) * args.batch_size:
+            loader.error("--workers must be >= 1 and --images at least (max --workers + 2) x --batch-size")
+        loader_bench(args)
+    elif args.command == "scan":
+        scan_bench(reference=not args.kernels_only)
+
+
+if __name__ == "__main__":
+    main()
