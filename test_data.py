@@ -1,14 +1,16 @@
-"""CPU tests of data.py: folders, decoding, transforms, mixup/cutmix, sampling, the demo set."""
+"""CPU tests of data.py (folders, decoding, transforms, mixup/cutmix, sampling), of synthetic.py's
+image folders and of bench.py's loader benchmark."""
 import os
 import random
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+import bench
 import data
+import synthetic
 
 MEAN, STD = torch.tensor(data.IMAGENET_MEAN).view(3, 1, 1), torch.tensor(data.IMAGENET_STD).view(3, 1, 1)
 
@@ -50,12 +52,83 @@ def test_image_folder_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(data.DataError, match="no class sub-folders"):
         data.ImageFolder(str(tmp_path / "empty"))
-    (tmp_path / "empty" / "cls").mkdir()
-    with pytest.raises(data.DataError, match="no image files"):
-        data.ImageFolder(str(tmp_path / "empty"))
+    with pytest.raises(data.DataError, match="no image files"):  # none of the classes asked for has a folder
+        data.ImageFolder(str(tmp_path / "empty"), classes=["ant"])
     with pytest.raises(data.DataError, match="not in train/: zebra; val/ lacks classes of train/: ant"):
         data.check_same_classes(["ant", "bee"], ["bee", "zebra"])
     data.check_same_classes(["ant", "bee"], ["ant", "bee"])
+
+
+def test_class_folder_without_images_is_refused_by_name(tmp_path):
+    root = write_folder(tmp_path, {"ant": 2, "bee": 0})
+    (tmp_path / "bee" / "notes.txt").write_text("not an image")
+    (tmp_path / "bee" / ".hidden.JPEG").write_bytes((tmp_path / "ant" / "0.JPEG").read_bytes())
+    with pytest.raises(data.DataError, match=r"class folder .*/bee holds no images \(files ending in \.jpeg, "):
+        data.ImageFolder(root)
+
+
+def test_unreadable_class_folder_is_refused_by_name(tmp_path, monkeypatch):
+    root = write_folder(tmp_path, {"ant": 2, "bee": 2})
+    scandir = os.scandir
+
+    def refuse_bee(path):
+        if os.path.basename(path) == "bee":
+            raise PermissionError(13, "Permission denied", path)
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refuse_bee)  # the tests may run as root, whom chmod does not stop
+    with pytest.raises(data.DataError, match=r"cannot read folder .*/bee \(Permission denied\): fix its permissions"):
+        data.ImageFolder(root)
+
+
+def image_names(ds):
+    """{class: paths relative to the root, in sample order}."""
+    names = {}
+    for path, label in ds.samples:
+        names.setdefault(ds.classes[label], []).append(os.path.relpath(path, ds.root))
+    return names
+
+
+def test_symlink_to_the_parent_folder_adds_nothing(tmp_path):
+    root = write_folder(tmp_path / "train", {"checker": 2, "dots": 3})
+    os.makedirs(tmp_path / "val" / "checker")
+    (tmp_path / "val" / "checker" / "v.JPEG").write_bytes((tmp_path / "train" / "dots" / "0.JPEG").read_bytes())
+    os.symlink("..", tmp_path / "train" / "checker" / "up")  # -> train/: every class again, ~40 levels deep
+    os.symlink("../..", tmp_path / "train" / "dots" / "top")  # -> above train/: val/ too
+    assert image_names(data.ImageFolder(root)) == {"checker": ["checker/0.JPEG", "checker/1.JPEG"],
+                                                   "dots": ["dots/0.JPEG", "dots/1.JPEG", "dots/2.JPEG"]}
+
+
+def test_symlink_loop_to_the_folder_itself_counts_each_image_once(tmp_path):
+    root = write_folder(tmp_path, {"a": 2, "b": 1})
+    os.makedirs(tmp_path / "a" / "sub")
+    random_image(8, 8).save(tmp_path / "a" / "sub" / "s.JPEG")
+    os.symlink(".", tmp_path / "a" / "self")
+    os.symlink("..", tmp_path / "a" / "sub" / "back")  # -> a/ again, from below
+    assert image_names(data.ImageFolder(root)) == {"a": ["a/0.JPEG", "a/1.JPEG", "a/sub/s.JPEG"], "b": ["b/0.JPEG"]}
+
+
+def test_symlinked_folders_are_followed_but_never_into_two_classes(tmp_path):
+    elsewhere = write_folder(tmp_path / "elsewhere", {"more": 2})
+    root = write_folder(tmp_path / "train", {"a": 1})
+    os.symlink(os.path.join(elsewhere, "more"), tmp_path / "train" / "b")  # a whole class on another disk
+    os.symlink(os.path.join(elsewhere, "more"), tmp_path / "train" / "a" / "extra")
+    with pytest.raises(data.DataError, match=r"train/a/extra leads to .*/more, which belongs to class b: an image "
+                                             r"needs one class; remove the link"):
+        data.ImageFolder(root)
+    os.remove(tmp_path / "train" / "a" / "extra")
+    assert image_names(data.ImageFolder(root)) == {"a": ["a/0.JPEG"], "b": ["b/0.JPEG", "b/1.JPEG"]}
+
+
+def test_hidden_files_and_folders_are_skipped_at_every_depth(tmp_path):
+    root = write_folder(tmp_path, {"a": 1, ".cache": 1})
+    for hidden in ("a/.ipynb_checkpoints", "a/sub/.thumbs"):
+        os.makedirs(tmp_path / hidden)
+        random_image(8, 8).save(tmp_path / hidden / "copy.JPEG")
+    random_image(8, 8).save(tmp_path / "a" / "sub" / "kept.JPEG")
+    random_image(8, 8).save(tmp_path / "a" / "._0.JPEG")  # macOS's resource-fork twin
+    ds = data.ImageFolder(root)
+    assert ds.classes == ["a"] and image_names(ds) == {"a": ["a/0.JPEG", "a/sub/kept.JPEG"]}
 
 
 def test_corrupt_image_is_reported_replaced_and_counted(tmp_path, capsys):
@@ -69,10 +142,67 @@ def test_corrupt_image_is_reported_replaced_and_counted(tmp_path, capsys):
     ds[1]
     assert ds.num_bad == 1  # distinct files, not reads
     (tmp_path / "b" / "0.JPEG").write_bytes(b"garbage")
+    ds[2]  # the second bad file: 2 of 4 is not more than half
     (tmp_path / "b" / "1.JPEG").write_bytes(b"garbage")
-    with pytest.raises(data.DataError, match="3 unreadable images"):  # bound: 0.5 * 4 = 2 files
-        for i in range(len(ds)):
-            ds[i]
+    with pytest.raises(data.DataError, match=r"^3 of 4 images under .* are unreadable \(75%\), more than the 50% "
+                                             r"allowed: fix or remove them \(last: .*b/1\.JPEG: UnidentifiedImageError"):
+        ds[3]
+
+
+@pytest.mark.parametrize("n, tolerated", [(9, 0), (10, 1), (19, 1), (20, 2)])
+def test_bad_image_budget_is_a_plain_fraction(tmp_path, n, tolerated):
+    """At most max_bad_fraction x n bad files, rounded down: 10% of 9 images tolerates none."""
+    root = write_folder(tmp_path, {"a": n}, size=(8, 8))
+    ds = data.ImageFolder(root, max_bad_fraction=0.1)
+    paths = [path for path, _ in ds.samples]
+    for k in range(tolerated):
+        with open(paths[2 * k], "wb") as f:
+            f.write(b"garbage")
+    for i in range(n):
+        ds[i]
+    assert ds.num_bad == tolerated
+    with open(paths[-1], "wb") as f:
+        f.write(b"garbage")
+    with pytest.raises(data.DataError, match=f"^{tolerated + 1} of {n} images .* more than the 10% allowed"):
+        ds[n - 1]
+
+
+def test_bad_image_budget_default_on_a_thousand_and_more(tmp_path):
+    os.makedirs(tmp_path / "a")
+    for k in range(1200):
+        (tmp_path / "a" / f"{k:04d}.JPEG").write_bytes(b"")
+    ds = data.ImageFolder(str(tmp_path))
+    with pytest.raises(data.DataError, match=r"^2 of 1,200 images under .* are unreadable \(0\.167%\), more than "
+                                             r"the 0\.1% allowed: fix or remove them \(last: .*/0001\.JPEG: "):
+        ds[0]  # 0000 is bad (1,200 x 0.1% tolerates 1), then 0001
+
+
+# ---------------------------------------------------------------------------------------------- decoding
+
+def test_sixteen_bit_png_is_scaled_to_eight_bits(tmp_path):
+    value = np.array([[0, 1, 128, 129, 257], [1000, 32767, 32768, 65280, 65535]], dtype=np.uint16)
+    want = np.floor(value.astype(np.float64) * 255 / 65535 + 0.5).astype(np.uint8)  # round(value * 255 / 65535)
+    assert want.tolist() == [[0, 0, 0, 1, 1], [4, 127, 128, 254, 255]]
+    Image.fromarray(value).save(tmp_path / "grey16.png")
+    with Image.open(tmp_path / "grey16.png") as img:
+        assert img.mode in data.SIXTEEN_BIT_MODES  # Pillow keeps the 16 bits
+    for img in (data.load_rgb(tmp_path / "grey16.png"), data.to_rgb(Image.fromarray(value.astype(np.int32)))):
+        assert img.mode == "RGB" and np.array_equal(np.asarray(img), np.repeat(want[..., None], 3, axis=-1))
+    with pytest.raises(ValueError, match="outside 0..65535"):
+        data.to_rgb(Image.fromarray(np.array([[0, 70000]], dtype=np.int32)))
+
+
+def test_sliver_is_reported_unreadable_before_decoding(tmp_path, capsys):
+    root = write_folder(tmp_path, {"a": 2})
+    Image.new("RGB", (20000, 3)).save(tmp_path / "a" / "sliver.png")
+    Image.new("RGB", (100, 1)).save(tmp_path / "a" / "wide.png")  # exactly 100:1 is still a picture
+    ds = data.ImageFolder(root, data.eval_transform(32, 0.875), max_bad_fraction=0.5)
+    assert [os.path.basename(p) for p, _ in ds.samples] == ["0.JPEG", "1.JPEG", "sliver.png", "wide.png"]
+    x, _ = ds[2]  # replaced by wide.png
+    assert torch.equal(x, ds[3][0]) and ds.num_bad == 1
+    assert "sliver.png (ValueError: 20000 x 3 px is more than 100:1, not a photo)" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="more than 100:1"):
+        data.load_rgb_for_crop(tmp_path / "a" / "sliver.png", lambda w, h: (0, 0, w, h), 8)
 
 
 # ---------------------------------------------------------------------------------------------- eval
@@ -309,32 +439,72 @@ def test_loader_is_independent_of_worker_count(tmp_path):
 
 
 def test_loader_benchmark_runs(capsys):
-    args = SimpleNamespace(images=32, size=[96, 72], quality=90, img_size=32, randaugment=1, workers=[1],
-                           batch_size=8, repeat=1, draft=[0, 1])
-    data.bench(args)
+    bench.main(["loader", "--images", "32", "--size", "96", "72", "--img-size", "32", "--workers", "1",
+                "--batch-size", "8", "--repeat", "2"])
     out = capsys.readouterr().out.splitlines()
-    assert out[0].startswith("32 JPEGs of 96 x 72 px") and len(out) == 5
-    for line, draft in zip(out[1:], ("off", "off", "on ", "on ")):
-        assert line.startswith(f"draft {draft}:") and "images/s" in line
+    assert out[0].startswith("32 JPEGs of 96 x 72 px") and out[0].endswith("one process: 32 files, 2 passes")
+    assert len(out) == 5
+    for line, draft, where in zip(out[1:], ("off", "on ", "off", "on "), ("one process", "one process",
+                                                                         "DataLoader", "DataLoader")):
+        assert line.startswith(f"draft {draft}: {where}") and "images/s" in line
+    with pytest.raises(SystemExit):
+        bench.main(["loader", "--images", "16", "--workers", "1", "--batch-size", "8"])  # fewer than 3 batches
+    assert "--images at least (max --workers + 2) x --batch-size" in capsys.readouterr().err
+
+
+def test_loader_benchmark_counts_reduced_decodes_on_imagenet_sizes(capsys, monkeypatch):
+    monkeypatch.setattr(synthetic, "IMAGENET_SIZES", ((64, 48), (1024, 768)))  # small and wide, in turn
+    monkeypatch.setattr(bench, "IMAGENET_SIZES", synthetic.IMAGENET_SIZES)
+    bench.main(["loader", "--imagenet-sizes", "--images", "96", "--img-size", "32", "--workers", "1",
+                "--batch-size", "8", "--repeat", "1"])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("96 JPEGs of ImageNet's mix of sizes")
+    # with draft mode every 1024 x 768 picture (half the files) decodes at a reduced scale: its random
+    # crop spans at least 2 x 32 px each way; the 64 x 48 ones never do, nor any without draft mode
+    assert out[1].startswith("draft off") and "(0% at reduced scale)" in out[1]
+    assert out[2].startswith("draft on ") and "(50% at reduced scale)" in out[2]
 
 
 def test_demo_dataset_is_written_once(tmp_path):
     root = str(tmp_path / "demo")
-    assert data.make_demo_dataset(root, train_per_class=3, val_per_class=2) == root
+    assert synthetic.make_demo_dataset(root, train_per_class=3, val_per_class=2) == root
     train, val = data.ImageFolder(os.path.join(root, "train")), data.ImageFolder(os.path.join(root, "val"))
-    assert train.classes == val.classes == sorted(data.DEMO_CLASSES)
+    assert train.classes == val.classes == sorted(synthetic.DEMO_CLASSES)
     assert len(train) == 30 and len(val) == 20
     with Image.open(train.samples[0][0]) as img:
-        assert img.format == "JPEG"
+        assert img.format == "JPEG" and img.size == (72, 72)
     stamp = os.path.getmtime(train.samples[0][0])
-    data.make_demo_dataset(root, train_per_class=3, val_per_class=2)
+    synthetic.make_demo_dataset(root, train_per_class=3, val_per_class=2)
     assert os.path.getmtime(train.samples[0][0]) == stamp  # cached
 
 
 def test_photo_dataset_is_an_image_folder_of_imagenet_sized_jpegs(tmp_path):
-    root = data.make_photo_dataset(str(tmp_path / "photos"), 30, 10, classes=3, size=(50, 40))
+    root = synthetic.make_photo_dataset(str(tmp_path / "photos"), 30, 10, classes=3, sizes=((50, 40),))
     train, val = data.ImageFolder(os.path.join(root, "train")), data.ImageFolder(os.path.join(root, "val"))
     assert (len(train), len(val)) == (30, 10) and train.classes == val.classes == ["class0", "class1", "class2"]
     assert [label for _, label in train.samples] == [0] * 10 + [1] * 10 + [2] * 10
     img, label = train[12]
     assert img.shape == (3, 40, 50) and label == 1 and train.num_bad == 0
+
+
+def test_photo_dataset_cycles_through_the_sizes(tmp_path):
+    sizes = tuple((16 + k, 12 + k) for k in range(70))  # more than 64: one picture per size
+    root = synthetic.make_photo_dataset(str(tmp_path / "photos"), 140, 0, classes=1, sizes=sizes)
+    folder = os.path.join(root, "train", "class0")
+    for k in (0, 1, 69, 70, 139):
+        with Image.open(os.path.join(folder, f"{k:07d}.JPEG")) as img:
+            assert img.size == sizes[k % 70]
+
+
+def test_imagenet_size_mix():
+    sizes = np.array(synthetic.IMAGENET_SIZES)  # (100, 2)
+    assert len(sizes) == 100 and sum(p for p, _, _ in synthetic.IMAGENET_SIZE_MIX) == 100
+    assert np.median(sizes, axis=0).tolist() == [500, 375]
+    assert (sizes[:, 0] > 800).mean() == 0.10 and (sizes.prod(1) >= 2000 * 1500).mean() == 0.03
+
+
+def test_synthetic_command_line(tmp_path, capsys):
+    synthetic.main(["photos", str(tmp_path / "p"), "--images", "20", "--size", "30", "20"])
+    assert capsys.readouterr().out.strip() == f"wrote 20 + 2 JPEGs to {tmp_path / 'p'}"
+    assert len(data.ImageFolder(str(tmp_path / "p" / "train"))) == 20
+    assert len(data.ImageFolder(str(tmp_path / "p" / "val"))) == 2
