@@ -1,6 +1,7 @@
 """Benchmark harnesses, one subcommand each:
     python bench.py loader [--workers 1 8 16] [--imagenet-sizes] ...   decode + augment images/s (CPU)
     python bench.py scan [--kernels-only]                              the selective-scan kernels (GPU)
+    python train.py --benchmark [train.py's flags]                     the whole training step (GPU)
 `python bench.py SUBCOMMAND --help` lists each one's options.
 """
 import argparse
@@ -13,10 +14,14 @@ import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from PIL import Image
 
+import data
 import scan
 from data import EpochSampler, ImageFolder, TrainTransform, load_rgb, make_loader
+from model import build_model
+from step import ModelEma, TrainStep
 from synthetic import IMAGENET_SIZES, make_photo_dataset
 
 # ----------------------------------------------------------------------------------------------
@@ -239,8 +244,69 @@ def scan_bench(reference=True):
 
 
 # ----------------------------------------------------------------------------------------------
-# python bench.py train: the training-step benchmark goes here (its add_train_args, its function
-# and its line in main), as the two above.
+# python train.py --benchmark: the training step on synthetic batches (train.py's flags)
+
+def train_steps(args, world):
+    """Time train.py's whole step (normalise + erase, mixup/cutmix, forward, loss, MESA's teacher
+    forward unless --mesa 0, backward, clip, LAMB, EMA) on synthetic uint8 batches already on the
+    device: no data loading. Every train.py flag applies (--eager, --mesa 0, --batch-size, ...).
+    Under torchrun the step averages gradients over the processes as in training, and images/s
+    counts all processes. Prints the one-off warm-up (compile + capture) time, images/s and the
+    peak memory."""
+    import train  # here, not at the top: train.py imports this module for --benchmark
+    rank, world, device = train.setup_distributed()
+    on_cpu = device.type == "cpu"
+    if on_cpu and args.batch_size is None:
+        args.batch_size = 8  # the recipe's 128 takes minutes a step on a CPU
+    args.demo = False
+    train.resolve_config(args, world)
+    args.amp = args.amp or ("bf16" if not on_cpu else "none")
+    log = print if rank == 0 else (lambda *a, **k: None)
+    if on_cpu:
+        log(f"benchmark on the CPU: slow (seconds a step at batch {args.batch_size}); the figures that matter "
+            f"come from a GPU")
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(args.seed)
+    model = build_model(args.variant, drop_path_rate=args.drop_path_rate, **train.model_overrides(args))
+    model = model.to(device, memory_format=torch.channels_last).train()
+    ema = ModelEma(model, args.ema_decay) if args.ema_decay > 0 else None
+    fast = not on_cpu and not args.eager
+    step = TrainStep(model, ema, train.make_optimizer(model, args), args, 1000, world, fast, log)
+    batch, size = args.batch_size, args.img_size
+    x = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device)
+    x = x.contiguous(memory_format=torch.channels_last)
+    boxes = torch.tensor([data.erase_box(size, size, random.Random(i), args.reprob) for i in range(batch)],
+                         device=device)  # (batch, 4), about reprob of them boxes
+    labels = torch.randint(0, 1000, (batch,), device=device)
+    use_mesa = ema is not None and args.mesa > 0  # MESA's teacher forward, as in the recipe's last 75%
+
+    def run(n):
+        for i in range(n):
+            mix = torch.tensor(data.draw_mix(random.Random(i), size, size, args.mixup, args.cutmix), device=device)
+            step([(x, boxes, labels, mix, i)] * args.accum_steps, 1e-3, use_mesa)
+        if not on_cpu:
+            torch.cuda.synchronize()
+
+    if not on_cpu:
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.time()
+    run(5)  # warm-up: the fast path compiles and captures here
+    warmup = time.time() - t0
+    t0 = time.time()
+    run(args.benchmark_steps)
+    seconds = time.time() - t0
+    images = args.benchmark_steps * world * batch * args.accum_steps
+    memory = "n/a on the CPU" if on_cpu else (f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB allocated, "
+                                              f"{torch.cuda.max_memory_reserved() / 2**30:.2f} GiB reserved")
+    log(f"benchmark: variant {args.variant}, {world} process(es) x batch {batch} x {args.accum_steps} micro-steps, "
+        f"{size} px, amp {args.amp}, opt {args.opt}, EMA {'on' if ema else 'off'}, MESA {'on' if use_mesa else 'off'}, "
+        f"{'fast path' if step.fast else 'eager'}: {images / seconds:.0f} images/s "
+        f"({images / seconds / world:.0f} per process), {1000 * seconds / args.benchmark_steps:.1f} ms/step; "
+        f"5 warm-up steps {warmup:.1f} s; peak memory {memory} (warm-up and capture included)")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
 
 # ----------------------------------------------------------------------------------------------
 

@@ -5,7 +5,9 @@
 Both networks get the same weights, the same inputs and the same scan (official.py points the
 official code's scan at ours), so the ratios measure the model code alone. Inference: eval mode, no
 grad, bf16 autocast, channels_last. Training: forward, cross-entropy, backward and a fused AdamW step,
-same settings; --cuda-graph adds rows with forward + backward replayed as one CUDA graph. Each row
+same settings, then train.py's own step (step.TrainStep: uint8 batch normalised on the GPU, soft-target
+cross-entropy, backward, AdamW, no EMA / MESA / mixup / clip) eager (`train.py --eager`) and on its
+default fast path (torch.compile + CUDA graphs of the whole step). Each row
 is images/s (median of --repeats timed runs of --iters steps, CUDA events) and the peak allocated
 memory. With --profile, each row is followed by where its GPU time goes
 (torch.profiler over 3 steps): kernel time per step by kind, the largest kernels, and how busy the GPU
@@ -13,13 +15,14 @@ was (kernel time over wall time; well under 100% means the step waits on the CPU
 """
 import argparse
 import statistics
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 
 from model import build_model
 from official import official_model
-from train import CudaGraphStep
+from step import Lamb, TrainStep
 
 
 def seconds_per_call(step, iters):
@@ -90,40 +93,39 @@ def infer_step(model, x):
     return step
 
 
-def train_step(model, x, y, cuda_graph=False, params_of=None):
-    """Forward, cross-entropy, backward, fused AdamW. With cuda_graph, forward + backward are replayed
-    as one CUDA graph (train.CudaGraphStep, as train.py --cuda-graph does); params_of is the module
-    that owns the weights when `model` is its compiled wrapper."""
-    params_of = params_of or model
-    opt = torch.optim.AdamW(params_of.parameters(), lr=1e-4, fused=True)
+def train_step(model, x, y):
+    """Forward, cross-entropy, backward, fused AdamW: the plain loop both codes can run."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 
-    def forward_backward(x, y, key=None):
+    def step():
         with torch.autocast("cuda", torch.bfloat16):
             loss = F.cross_entropy(model(x), y)
         loss.backward()
-        return loss.detach()
-
-    graph = CudaGraphStep(params_of, forward_backward) if cuda_graph else None
-
-    def step():
-        if graph is None:
-            forward_backward(x, y)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        else:
-            graph(x, y, None)
-            opt.step()  # the next replay overwrites .grad
+        opt.step()
+        opt.zero_grad(set_to_none=True)
     return step
 
 
-def measure(name, model, mode, batch, args, cuda_graph=False, params_of=None):
+def train_py_step(model, x, y, fast):
+    """train.py's step with the recipe's extras off: normalise, forward, loss, backward, AdamW."""
+    settings = SimpleNamespace(amp="bf16", clip_grad=0.0, opt="adamw", accum_steps=1, smoothing=0.0, mesa=0.0)
+    step = TrainStep(model, None, Lamb(model.parameters(), trust_ratio=False), settings, 1000, 1, fast)
+    pixels = torch.randint(0, 256, x.shape, dtype=torch.uint8, device="cuda").contiguous(memory_format=torch.channels_last)
+    batch = [(pixels, torch.zeros(len(x), 4, device="cuda"), y, torch.tensor([1.0, 0, 0, 0, 0, 1.0], device="cuda"), 0)]
+    return lambda: step(batch, 1e-4, use_mesa=False)
+
+
+def measure(name, model, mode, batch, args, path=None):
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     x = torch.randn(batch, 3, 224, 224, device="cuda").to(memory_format=torch.channels_last)
+    y = torch.randint(0, 1000, (batch,), device="cuda")
     if mode == "infer":
         step = infer_step(model.eval(), x)
+    elif path is None:
+        step = train_step(model.train(), x, y)
     else:
-        step = train_step(model.train(), x, torch.randint(0, 1000, (batch,), device="cuda"), cuda_graph, params_of)
+        step = train_py_step(model.train(), x, y, fast=path == "fast")
     seconds = time_steps(step, args.iters, args.repeats)
     peak = torch.cuda.max_memory_allocated() / 2 ** 30
     print(f"| {name} | {mode} | {batch} | {batch / seconds:,.0f} | {peak:.2f} |", flush=True)
@@ -143,8 +145,6 @@ def main():
                    help="inference and/or training rows")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     p.add_argument("--profile", action="store_true", help="after each row, where its GPU time goes")
-    p.add_argument("--cuda-graph", action="store_true", help="add training rows with forward + backward "
-                   "replayed as one CUDA graph (eager and compiled)")
     args = p.parse_args()
     torch.backends.cudnn.benchmark = True
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
@@ -159,17 +159,18 @@ def main():
             del theirs
             rate = measure(f"ours {variant}", ours, mode, batch, args)
             print(f"|  ratio ours/official | | | {rate / base:.2f}x | |")
-            if not args.no_compile:
+            compiled = None
+            if not args.no_compile and mode == "infer":
                 compiled = torch.compile(ours, fullgraph=True)
                 rate = measure(f"ours {variant}, compiled", compiled, mode, batch, args)
                 print(f"|  ratio compiled/official | | | {rate / base:.2f}x | |")
-            if mode == "train" and args.cuda_graph:
-                rate = measure(f"ours {variant}, CUDA graph", ours, mode, batch, args, cuda_graph=True)
-                print(f"|  ratio CUDA graph/official | | | {rate / base:.2f}x | |")
-                if not args.no_compile:
-                    rate = measure(f"ours {variant}, compiled, CUDA graph", compiled, mode, batch, args,
-                                   cuda_graph=True, params_of=ours)
-                    print(f"|  ratio compiled + CUDA graph/official | | | {rate / base:.2f}x | |")
+            del ours, compiled
+            if mode == "train":
+                for path in ("eager", "fast"):
+                    model = build_model(variant).cuda().to(memory_format=torch.channels_last)
+                    rate = measure(f"ours {variant}, train.py {'--eager' if path == 'eager' else 'default'}",
+                                   model, mode, batch, args, path)
+                    print(f"|  ratio train.py {path}/official | | | {rate / base:.2f}x | |")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ times decoding + augmentation; synthetic.py writes image folders to try it on. G
 import math
 import os
 import random
+import signal
 import sys
 from collections import deque
 from fractions import Fraction
@@ -407,9 +408,11 @@ def to_uint8_tensor(img):
 def normalize_and_erase(x, boxes, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     """The training transform's last steps, batched, on the batch's device: uint8 (B, 3, S, S) ->
     (x / 255 - mean) / std in float32, and each sample's erase box (B, 4) = (top, left, height,
-    width) filled with per-pixel N(0, 1) noise (the normalised scale), drawn from torch's generator."""
-    mean = torch.tensor(mean, device=x.device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(std, device=x.device).view(1, 3, 1, 1) * 255
+    width) filled with per-pixel N(0, 1) noise (the normalised scale), drawn from torch's generator.
+    mean and std may be (3,) tensors on x's device: then nothing is copied from the host (as a
+    captured CUDA graph requires)."""
+    mean = torch.as_tensor(mean, device=x.device).view(1, 3, 1, 1) * 255
+    std = torch.as_tensor(std, device=x.device).view(1, 3, 1, 1) * 255
     x = (x.float() - mean) / std
     rows = torch.arange(x.shape[2], device=x.device).view(1, -1, 1)   # (1, S, 1)
     cols = torch.arange(x.shape[3], device=x.device).view(1, 1, -1)   # (1, 1, S)
@@ -465,34 +468,41 @@ def smooth_one_hot(labels, num_classes, smoothing):
         1, labels[:, None], 1.0 - smoothing + off)
 
 
-def mixup_cutmix(x, labels, num_classes, rng, mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5,
-                 smoothing=0.1):
-    """Mix a whole batch with its reverse (Zhang et al. 2018; Yun et al. 2019), per batch.
+def draw_mix(rng, h, w, mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5):
+    """One batch's Mixup / CutMix choice (Zhang et al. 2018; Yun et al. 2019), drawn on the host from
+    rng (a random.Random) for h x w images, as 6 numbers for mix_batch: (blend, y0, y1, x0, x1, lam).
 
-    x (B, 3, H, W) and labels (B,) on the device; rng (a random.Random) draws the batch's choices.
     With probability `switch_prob` CutMix: a box of area fraction 1 - lam (lam ~ Beta(1, 1)) is
     pasted from the flipped batch, clipped at the border, and lam is recomputed from the clipped
-    area; else Mixup with lam ~ Beta(0.8, 0.8). Returns the mixed x (in place) and soft targets
-    lam * y + (1 - lam) * y_flipped (each row sums to one), y label-smoothed.
-    """
-    use_cutmix = cutmix_alpha > 0 and (mixup_alpha <= 0 or rng.random() < switch_prob)
-    if use_cutmix:
+    area (blend 1: outside the box the image stays itself). Else Mixup with lam ~ Beta(0.8, 0.8):
+    no box, blend = lam. Neither: blend = lam = 1, no box."""
+    if cutmix_alpha > 0 and (mixup_alpha <= 0 or rng.random() < switch_prob):
         lam = rng.betavariate(cutmix_alpha, cutmix_alpha)
-        h, w = x.shape[-2:]
         cut_h, cut_w = int(h * math.sqrt(1 - lam)), int(w * math.sqrt(1 - lam))
         cy, cx = rng.randint(0, h - 1), rng.randint(0, w - 1)
         y0, y1 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, h)
         x0, x1 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, w)
-        x[..., y0:y1, x0:x1] = x.flip(0)[..., y0:y1, x0:x1]
-        lam = 1.0 - (y1 - y0) * (x1 - x0) / (h * w)
-    elif mixup_alpha > 0:
+        return [1.0, y0, y1, x0, x1, 1.0 - (y1 - y0) * (x1 - x0) / (h * w)]
+    if mixup_alpha > 0:
         lam = rng.betavariate(mixup_alpha, mixup_alpha)
-        flipped = x.flip(0).mul_(1.0 - lam)  # a copy, taken before x changes
-        x.mul_(lam).add_(flipped)
-    else:
-        lam = 1.0
-    y = smooth_one_hot(labels, num_classes, smoothing)
-    return x, lam * y + (1.0 - lam) * y.flip(0)
+        return [lam, 0, 0, 0, 0, lam]
+    return [1.0, 0, 0, 0, 0, 1.0]
+
+
+def mix_batch(x, labels, mix, num_classes, smoothing=0.1):
+    """Mix a whole batch with its reverse as draw_mix chose: x (B, 3, H, W) and labels (B,) on the
+    device, mix a (6,) float tensor there. Inside the box the flipped batch, elsewhere
+    blend * x + (1 - blend) * x_flipped; soft targets lam * y + (1 - lam) * y_flipped (each row sums
+    to one), y label-smoothed. No branch on the host: the same kernels run for every choice, so a
+    captured CUDA graph replays any of them."""
+    blend, y0, y1, x0, x1, lam = mix.unbind()
+    rows = torch.arange(x.shape[2], device=x.device).view(-1, 1)      # (H, 1)
+    cols = torch.arange(x.shape[3], device=x.device).view(1, -1)      # (1, W)
+    box = (rows >= y0) & (rows < y1) & (cols >= x0) & (cols < x1)     # (H, W)
+    flipped = x.flip(0)
+    x = torch.where(box, flipped, blend * x + (1 - blend) * flipped)
+    y = smooth_one_hot(labels, num_classes, smoothing)                # (B, num_classes)
+    return x, lam * y + (1 - lam) * y.flip(0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -561,6 +571,10 @@ def _seed_worker(worker_id):
     seed = torch.initial_seed() % 2**32
     random.seed(seed)
     np.random.seed(seed)
+    # Ctrl-C and SIGTERM reach the whole process group: the training process saves and then ends
+    # its workers, so a worker must not die first (the loader would fail mid-save)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def make_loader(dataset, batch_size, sampler, workers, train, device_type="cpu"):

@@ -341,8 +341,8 @@ def test_cutmix_label_weight_equals_pasted_area():
         b, k = 4, 6
         x = torch.arange(b, dtype=torch.float32).view(b, 1, 1, 1).expand(b, 3, 32, 48).clone()
         labels = torch.tensor([0, 1, 2, 3])
-        x, target = data.mixup_cutmix(x, labels, k, random.Random(seed), mixup_alpha=0.0, cutmix_alpha=1.0,
-                                      smoothing=0.0)
+        mix = torch.tensor(data.draw_mix(random.Random(seed), 32, 48, mixup_alpha=0.0, cutmix_alpha=1.0))
+        x, target = data.mix_batch(x, labels, mix, k, smoothing=0.0)
         assert torch.allclose(target.sum(1), torch.ones(b))
         for i in range(b):
             pasted = (x[i] == b - 1 - i).float().mean().item()  # pixels from the flipped sample
@@ -354,8 +354,8 @@ def test_mixup_blend_and_smoothed_targets():
     b, k = 6, 10
     x0 = torch.randn(b, 3, 8, 8)
     labels = torch.randint(0, k, (b,))
-    x, target = data.mixup_cutmix(x0.clone(), labels, k, random.Random(1), mixup_alpha=0.8, cutmix_alpha=0.0,
-                                  smoothing=0.1)
+    mix = torch.tensor(data.draw_mix(random.Random(1), 8, 8, mixup_alpha=0.8, cutmix_alpha=0.0))
+    x, target = data.mix_batch(x0.clone(), labels, mix, k, smoothing=0.1)
     assert torch.allclose(target.sum(1), torch.ones(b))
     assert target.min() >= 0.1 / k - 1e-7
     y = data.smooth_one_hot(labels, k, 0.1)
@@ -363,6 +363,9 @@ def test_mixup_blend_and_smoothed_targets():
     lam = random.Random(1).betavariate(0.8, 0.8)  # mixup only: no switch draw
     assert torch.allclose(x, lam * x0 + (1 - lam) * x0.flip(0), atol=1e-6)
     assert torch.allclose(target, lam * y + (1 - lam) * y.flip(0), atol=1e-6)
+    none = torch.tensor(data.draw_mix(random.Random(1), 8, 8, mixup_alpha=0.0, cutmix_alpha=0.0))
+    x, target = data.mix_batch(x0.clone(), labels, none, k, smoothing=0.1)  # neither: unchanged, exactly
+    assert torch.equal(x, x0) and torch.allclose(target, y)
 
 
 def test_smooth_one_hot():

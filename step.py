@@ -1,0 +1,320 @@
+"""One optimizer step of the MambaVision recipe, and the fast path that replays it as CUDA graphs.
+
+    step = TrainStep(model, ema, optimizer, settings, num_classes, world_size, fast=True)
+    loss, grad_norm, finite = step(micro_batches, lr, use_mesa)
+
+A step, for each micro-batch (uint8 images, erase boxes, labels, mixup/cutmix choice, seed):
+normalise and erase, mixup/cutmix, forward, soft-target cross-entropy (+ MESA's distillation from
+the EMA teacher), backward of loss / micro-batches into .grad. Then, on several processes, one
+all-reduce averages the gradients and the BatchNorm running statistics (so every rank holds the
+same network at every step), and the gradient norm decides:
+    finite     -> clip, optimizer (LAMB), EMA update;
+    not finite -> the step is skipped and leaves no trace: the BatchNorm statistics its forward
+                  moved are put back, and nothing else was touched.
+That decision is the step's one wait for the GPU.
+
+The fast path (`fast=True`, CUDA only): the model and the EMA teacher are torch.compile'd, and the
+step's two halves, one micro-batch's forward + backward and the update (clip, optimizer, EMA), are
+each captured once as a CUDA graph (`CapturedCall`) and replayed: two launches a micro-batch
+instead of ~1,500 kernels launched one by one from Python, which is what bounds an eager
+MambaVision step. The learning rate, the gradient norm and the mixup choice enter the graphs as
+device tensors, so one capture serves the whole schedule; the forward graph is captured again only
+when MESA switches on. Where compiling or capturing fails, one warning names the reason and the
+step goes on eagerly: the same function, with the same results up to rounding.
+"""
+import copy
+import math
+import time
+import warnings
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+import data
+
+LAMB_MAX_GRAD_NORM = 1.0  # the official LAMB (timm's) clips the global gradient norm to 1 in its step
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses
+
+def soft_cross_entropy(logits, target):
+    """Cross-entropy against soft targets (B, K), mean over the batch, in float32."""
+    return torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+
+
+def mesa_loss(logits, ema_logits, weight, temperature=3.0):
+    """MESA (Du et al. 2022): self-distillation from the EMA, weight * 50 * KL(student || teacher) at T=3."""
+    return weight * 50 * F.kl_div(F.log_softmax(logits.float() / temperature, dim=-1),
+                                  F.softmax(ema_logits.float() / temperature, dim=-1), reduction="batchmean")
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimizer and EMA
+
+class Lamb(torch.optim.Optimizer):
+    """LAMB (You et al. 2020, "Large Batch Optimization for Deep Learning"), as the official run had it.
+
+    Per step t, with g the gradient (already clipped by TrainStep):
+        m = b1 m + (1 - b1) g            v = b2 v + (1 - b2) g^2
+        u = (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps) + wd * p
+        r = ||p|| / ||u||   (1 where either norm is 0; only where wd > 0, else r = 1)
+        p = p - lr * r * u
+    The layer-wise trust ratio r is skipped for the no-decay group (biases, norms), as in the
+    reference implementation the authors trained with. With trust_ratio=False this is AdamW
+    (p - lr * wd * p - lr * m_hat / (sqrt(v_hat) + eps), the decay decoupled from the moments).
+    `lr` is given to step(), a float or a 0-dim tensor on the device, and the step count t lives
+    on the device too: no host value changes from step to step, so a CUDA graph can hold the step.
+    torch._foreach_* ops: a few launches per step for all parameters instead of a dozen per tensor.
+    """
+
+    def __init__(self, params, betas=(0.9, 0.999), eps=1e-8, trust_ratio=True):
+        super().__init__(params, dict(betas=tuple(betas), eps=eps, weight_decay=0.0))
+        self.trust_ratio = trust_ratio
+
+    @torch.no_grad()
+    def step(self, lr):
+        for group in self.param_groups:
+            params = group["params"]
+            if not params:
+                continue
+            for p in params:
+                if not self.state[p]:  # t as a float tensor: load_state_dict moves it to p's device
+                    self.state[p].update(t=torch.zeros((), dtype=p.dtype, device=p.device), exp_avg=torch.zeros_like(p),
+                                         exp_avg_sq=torch.zeros_like(p))
+            b1, b2 = group["betas"]
+            grads = [p.grad for p in params]
+            steps = [self.state[p]["t"] for p in params]
+            torch._foreach_add_(steps, 1.0)
+            t = steps[0]
+            m = [self.state[p]["exp_avg"] for p in params]
+            v = [self.state[p]["exp_avg_sq"] for p in params]
+            torch._foreach_lerp_(m, grads, 1 - b1)                        # m = b1 m + (1 - b1) g
+            torch._foreach_mul_(v, b2)
+            torch._foreach_addcmul_(v, grads, grads, value=1 - b2)        # v = b2 v + (1 - b2) g^2
+            denom = torch._foreach_sqrt(v)
+            torch._foreach_div_(denom, torch.sqrt(1 - b2 ** t))
+            torch._foreach_add_(denom, group["eps"])                      # sqrt(v_hat) + eps
+            update = torch._foreach_div(m, denom)
+            torch._foreach_div_(update, 1 - b1 ** t)                      # m_hat / (sqrt(v_hat) + eps)
+            if group["weight_decay"] > 0:
+                torch._foreach_add_(update, params, alpha=group["weight_decay"])
+            if group["weight_decay"] > 0 and self.trust_ratio:
+                w_norm = torch.stack(torch._foreach_norm(params))
+                u_norm = torch.stack(torch._foreach_norm(update))
+                trust = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm))
+                torch._foreach_mul_(update, list((-lr * trust).unbind()))  # -lr * r, one per tensor
+            else:
+                torch._foreach_mul_(update, -lr)
+            torch._foreach_add_(params, update)
+
+
+def param_groups(model, weight_decay):
+    """Two groups: weights that decay, and 1-D parameters (norms, layer scales, D) and biases that don't."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+    return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
+
+
+class ModelEma:
+    """An exponential moving average of the weights (and BatchNorm statistics), kept in eval mode:
+    ema = decay * ema + (1 - decay) * model after every optimizer step."""
+
+    def __init__(self, model, decay):
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay = decay
+        pairs = list(zip(self.module.state_dict().values(), model.state_dict().values()))
+        self.floats = [[e for e, m in pairs if e.is_floating_point()], [m for e, m in pairs if e.is_floating_point()]]
+        self.others = [[e for e, m in pairs if not e.is_floating_point()],  # BatchNorm's num_batches_tracked
+                       [m for e, m in pairs if not e.is_floating_point()]]
+
+    @torch.no_grad()
+    def update(self):
+        torch._foreach_lerp_(*self.floats, 1 - self.decay)
+        if self.others[0]:
+            torch._foreach_copy_(*self.others)
+
+
+def batchnorm_statistics(model):
+    """The BatchNorm running means and variances: what a training forward changes besides the weights."""
+    return [buf for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            and m.running_mean is not None for buf in (m.running_mean, m.running_var)]
+
+
+def all_reduce_mean_(tensors):
+    """Average tensors over the ranks, in place, with one collective on one flat buffer."""
+    if not tensors:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat)
+    flat.div_(dist.get_world_size())
+    torch._foreach_copy_(tensors, [f.view_as(t) for f, t in zip(flat.split([t.numel() for t in tensors]), tensors)])
+
+
+# ----------------------------------------------------------------------------------------------
+# The step
+
+class TrainStep:
+    """One optimizer step (see the module docstring); `fast` turns on the fast path.
+
+    settings: the run's configuration with mesa, smoothing, clip_grad, opt, amp, accum_steps.
+    __call__(micro_batches, lr, use_mesa) with micro_batches [(x uint8 (B, 3, S, S) channels_last,
+    erase boxes (B, 4), labels (B,), mix (6,) from data.draw_mix, seed)], all on the device.
+    Returns (mean loss over the micro-batches, gradient norm before clipping, finite) as Python
+    values; finite False means the step was skipped."""
+
+    def __init__(self, model, ema, optimizer, settings, num_classes, world_size, fast, log=print):
+        self.model, self.ema, self.optimizer = model, ema, optimizer
+        self.num_classes, self.world_size, self.settings = num_classes, world_size, settings
+        device = next(model.parameters()).device
+        self.params = [p for g in optimizer.param_groups for p in g["params"]]
+        for p in self.params:  # .grad tensors made once: each backward adds into them, each step zeroes them
+            p.grad = torch.zeros_like(p)
+        self.grads = [p.grad for p in self.params]
+        self.statistics = batchnorm_statistics(model)
+        self.buffers = list(model.buffers())
+        self.saved_buffers = [b.clone() for b in self.buffers]
+        self.mean = torch.tensor(data.IMAGENET_MEAN, device=device)
+        self.std = torch.tensor(data.IMAGENET_STD, device=device)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": torch.float32}[settings.amp]
+        self.autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+        # One clip: the recipe's --clip-grad 5 followed by LAMB's own clip at 1 is a clip at 1.
+        limits = [settings.clip_grad] if settings.clip_grad > 0 else []
+        if settings.clip_grad > 0 and settings.opt == "lamb":
+            limits.append(LAMB_MAX_GRAD_NORM)
+        self.max_norm = min(limits, default=math.inf)
+        # fp16: dynamic loss scaling (the loss is multiplied by `loss_scale` before backward; halved
+        # on every overflow, which skips the step, doubled after 2000 good steps in a row)
+        self.loss_scale = torch.ones((), device=device)
+        self.lr = torch.zeros((), device=device)  # filled each step: the graphs read it there
+        self.scaling, self.good_steps = settings.amp == "fp16", 0
+        if self.scaling:
+            self.loss_scale.fill_(2.0 ** 16)
+        self.fast = fast
+        self.student, self.teacher = model, ema.module if ema is not None else None
+        self.forward_backward, self.update = self._forward_backward, self._update
+        if fast:
+            self.student = torch.compile(model)
+            self.teacher = torch.compile(self.teacher) if self.teacher is not None else None
+            self.forward_backward = CapturedCall(self._forward_backward, "forward + backward", log)
+            self.update = CapturedCall(self._update, "clip + optimizer + EMA", log)
+
+    def _forward_backward(self, x, boxes, labels, mix, use_mesa):
+        """One micro-batch: returns its loss (detached); its gradient is added into .grad."""
+        x = data.normalize_and_erase(x, boxes, self.mean, self.std)       # uint8 -> normalised float32
+        x, target = data.mix_batch(x, labels, mix, self.num_classes, self.settings.smoothing)
+        with self.autocast:
+            logits = self.student(x)                                        # (B, num_classes)
+            loss = soft_cross_entropy(logits, target)
+            if use_mesa:
+                with torch.no_grad():
+                    teacher_logits = self.teacher(x)
+                loss = loss + mesa_loss(logits, teacher_logits, self.settings.mesa)
+        (loss * (self.loss_scale / self.settings.accum_steps)).backward()
+        return loss.detach()
+
+    def _update(self, grad_norm, lr):
+        """Clip (and undo the fp16 loss scale), optimizer step, EMA update, then zero the gradients."""
+        if self.max_norm < math.inf or self.scaling:
+            clip = torch.clamp(self.max_norm / (grad_norm + 1e-6), max=1.0)
+            torch._foreach_mul_(self.grads, clip / self.loss_scale)
+        self.optimizer.step(lr)
+        if self.ema is not None:
+            self.ema.update()
+        torch._foreach_zero_(self.grads)
+
+    def _finite(self, grad_norm):
+        """The step's one host sync. Ranks agree: the norm and the statistics are the averaged ones."""
+        statistics = torch.stack(torch._foreach_norm(self.statistics)).sum() if self.statistics else grad_norm
+        return bool(torch.isfinite(grad_norm + statistics))
+
+    def __call__(self, micro_batches, lr, use_mesa):
+        if self.fast:
+            try:
+                return self._step(micro_batches, lr, use_mesa)
+            except FastPathUnavailable as e:
+                warnings.warn(f"the fast training path is off ({e}): training eagerly", stacklevel=2)
+                torch._foreach_copy_(self.buffers, self.saved_buffers)  # the failed try moved nothing else
+                torch._foreach_zero_(self.grads)
+                self.fast, self.student = False, self.model
+                self.teacher = self.ema.module if self.ema is not None else None
+                self.forward_backward, self.update = self._forward_backward, self._update
+        return self._step(micro_batches, lr, use_mesa)
+
+    def _step(self, micro_batches, lr, use_mesa):
+        torch._foreach_copy_(self.saved_buffers, self.buffers)  # so that a skipped step leaves no trace
+        loss = 0.0
+        for x, boxes, labels, mix, seed in micro_batches:
+            torch.manual_seed(seed)  # erase noise and drop path draw from torch's generator
+            loss = loss + self.forward_backward(x, boxes, labels, mix, use_mesa=use_mesa)
+        if self.world_size > 1:
+            all_reduce_mean_(self.grads + self.statistics)
+        grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(self.grads))) / self.loss_scale
+        finite = self._finite(grad_norm)
+        if finite:
+            self.update(grad_norm, self.lr.fill_(lr))
+        else:
+            torch._foreach_copy_(self.buffers, self.saved_buffers)
+            torch._foreach_zero_(self.grads)
+        if self.scaling:
+            self.good_steps = self.good_steps + 1 if finite else 0
+            if not finite or self.good_steps == 2000:
+                self.loss_scale.mul_(2.0 if finite else 0.5)
+                self.good_steps = 0
+        return float(loss) / len(micro_batches), float(grad_norm), finite
+
+
+# ----------------------------------------------------------------------------------------------
+# The fast path's one piece of machinery
+
+class FastPathUnavailable(RuntimeError):
+    """Compiling or capturing the step failed: TrainStep goes on eagerly."""
+
+
+class CapturedCall:
+    """fn(*tensors, **static) replayed as a CUDA graph.
+
+    For each new value of the keyword arguments (MESA on or off), the first `warmup` calls run fn
+    on a side stream (compilation, cuDNN autotuning and lazy allocations happen there, for real:
+    they are training steps), the next one captures fn and replays it; after that every call copies
+    its tensor arguments into the captured inputs and replays. Only the latest capture is kept.
+    The capture runs in thread-local mode: the loader's pin-memory thread may use CUDA meanwhile.
+    A replay recomputes everything fn computed, so fn must not branch on tensor values, and reads
+    random numbers from torch's generator as seeded before the call (torch.manual_seed).
+    """
+
+    def __init__(self, fn, name, log, warmup=2):
+        self.fn, self.name, self.log, self.warmup = fn, name, log, warmup
+        self.key, self.calls, self.graph = None, 0, None
+
+    def __call__(self, *args, **static):
+        if static != self.key:
+            self.key, self.calls, self.graph = static, 0, None  # drop the old graph and its memory
+            self.started = time.time()
+        try:
+            if self.graph is None and self.calls < self.warmup:
+                self.calls += 1
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    out = self.fn(*args, **static)
+                torch.cuda.current_stream().wait_stream(side)
+                return out
+            if self.graph is None:
+                self.inputs = [a.clone() for a in args]  # same strides: channels_last stays channels_last
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                    self.output = self.fn(*self.inputs, **static)
+                self.graph = graph
+                self.log(f"fast path: {self.name} {static or ''} compiled and captured in "
+                         f"{time.time() - self.started:.1f} s ({self.warmup} warm-up steps, then one capture)")
+        except Exception as e:  # compiling or capturing failed; a capture has changed nothing yet
+            raise FastPathUnavailable(f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}") from e
+        for captured, a in zip(self.inputs, args):
+            captured.copy_(a, non_blocking=True)
+        self.graph.replay()
+        return self.output
