@@ -4,6 +4,7 @@ The reference numbers are computed here independently of eval.py: one image at a
 no channels_last, loss from log-softmax and top-k from the rank of the true class's logit.
 """
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 import data
 import eval as ev
 import model as mv
+import synthetic
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = dict(depths=(1, 1, 2, 2), dim=16, in_dim=8, window_size=(4, 4, 4, 2))
@@ -40,7 +42,7 @@ def trained(tmp_path_factory):
     The val folder has 19 images (one removed), so two processes get an uneven split.
     """
     tmp = tmp_path_factory.mktemp("eval")
-    root = data.make_demo_dataset(str(tmp / "demo"), train_per_class=4, val_per_class=2)
+    root = synthetic.make_demo_dataset(str(tmp / "demo"), train_per_class=4, val_per_class=2)
     os.remove(data.ImageFolder(os.path.join(root, "val")).samples[-1][0])
     torch.manual_seed(0)
     net = mv.build_model("t", num_classes=NUM_CLASSES, **TINY)
@@ -57,7 +59,7 @@ def trained(tmp_path_factory):
         if step == 2:
             ema = {k: v.clone() for k, v in net.state_dict().items()}
     state = {k: v.clone() for k, v in net.state_dict().items()}
-    ckpt = {"variant": "t", "model_args": net.model_args, "model": state, "ema": ema,
+    ckpt = {"variant": "t", "model_args": net.model_args, "classes": train.classes, "model": state, "ema": ema,
             "config": {"data_dir": root, "img_size": IMG_SIZE}, "epoch": 0, "step": 6,
             "best_top1": 0.0, "optimizer": opt.state_dict()}
     path = str(tmp / "ckpt.pt")
@@ -65,23 +67,34 @@ def trained(tmp_path_factory):
     return {"root": root, "path": path, "ckpt": ckpt, "tmp": tmp}
 
 
-def reference(state, model_args, root, img_size=IMG_SIZE):
-    """top-1 %, top-5 %, mean loss and count, image by image, without eval.py."""
+def per_image_logits(state, model_args, val_dir, img_size=IMG_SIZE):
+    """Logits (images, classes) in float64 of every image of val_dir, one image at a time, float32,
+    without eval.py; and each image's class folder name."""
     net = mv.MambaVision(**model_args)
     net.load_state_dict(state)
     net.eval()
-    val = data.ImageFolder(os.path.join(root, "val"), data.eval_transform(img_size, 1.0))
-    loss = top1 = top5 = 0.0
-    with torch.no_grad():
-        for i in range(len(val)):  # (ImageFolder wraps indices around, so no plain `for x, y in val`)
-            x, y = val[i]
-            logits = net(x[None])[0].double()                     # (num_classes,)
-            loss -= (logits - logits.logsumexp(0))[y].item()
-            higher = int((logits > logits[y]).sum())              # classes that beat the label
-            top1 += higher == 0
-            top5 += higher < 5
-    n = len(val)
-    return {"top1": 100 * top1 / n, "top5": 100 * top5 / n, "loss": loss / n, "images": n}
+    val = data.ImageFolder(val_dir, data.eval_transform(img_size, 1.0))
+    with torch.no_grad():  # (ImageFolder wraps indices around, so no plain `for x, y in val`)
+        logits = torch.stack([net(val[i][0][None])[0].double() for i in range(len(val))])
+    return logits, [val.classes[label] for _, label in val.samples]
+
+
+def score(logits, labels):
+    """top-1 %, top-5 %, mean loss and count from logits (images, classes) and label indices: the
+    loss from log-softmax, top-k from the rank of the true class's logit."""
+    labels = torch.tensor(labels)
+    true = logits.gather(1, labels[:, None])                         # (images, 1)
+    higher = (logits > true).sum(1)                                  # classes that beat the label
+    n = len(labels)
+    return {"top1": 100 * int((higher == 0).sum()) / n, "top5": 100 * int((higher < 5).sum()) / n,
+            "loss": -(logits.log_softmax(1).gather(1, labels[:, None])).mean().item(), "images": n}
+
+
+def reference(state, model_args, root, img_size=IMG_SIZE):
+    """top-1 %, top-5 %, mean loss and count on root/val, image by image, without eval.py."""
+    logits, names = per_image_logits(state, model_args, os.path.join(root, "val"), img_size)
+    classes = sorted(set(names))
+    return score(logits, [classes.index(name) for name in names])
 
 
 def run_main(argv, capsys):
@@ -148,10 +161,14 @@ def test_train_py_checkpoint_gives_the_numbers_train_py_logged(trained, capsys):
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
         logged = json.loads(f.readlines()[-1])
     path = os.path.join(out_dir, "last.pt")
-    for flags, top1, top5 in (([], "ema_top1", "ema_top5"), (["--no-ema"], "top1", "top5")):
+    for flags, top1, top5 in ((["--ema"], "ema_top1", "ema_top5"), (["--no-ema"], "top1", "top5")):
         code, result, _, _ = run_main([path, "--workers", "0", *flags], capsys)
         assert code == 0 and result["images"] == 19
         assert (result["top1"], result["top5"]) == pytest.approx((logged[top1], logged[top5]), abs=1e-9)
+    # by default the weights that scored higher, so the top-1 is the best one logged
+    code, result, _, _ = run_main([path, "--workers", "0"], capsys)
+    assert code == 0 and result["weights"] == ("model" if logged["top1"] > logged["ema_top1"] else "ema")
+    assert result["top1"] == pytest.approx(logged["best_top1"], abs=1e-9)
 
 
 def test_official_format_gives_the_same_accuracy(trained, tiny_variants, capsys):
@@ -172,15 +189,52 @@ def test_official_format_gives_the_same_accuracy(trained, tiny_variants, capsys)
     assert_same(result, reference(ckpt["model"], ckpt["model_args"], root, img_size=64))
 
 
-def test_unreadable_images_are_reported(trained, capsys, tmp_path):
+def break_images(root, count):
+    """Overwrite the first `count` val images under `root` with bytes that are not an image."""
+    for path, _ in data.ImageFolder(os.path.join(root, "val")).samples[:count]:
+        with open(path, "wb") as f:
+            f.write(b"not a JPEG")
+
+
+def test_unreadable_images_are_reported(trained, capsys, tmp_path, monkeypatch):
     root = str(tmp_path / "demo")
     shutil.copytree(trained["root"], root)
-    bad = data.ImageFolder(os.path.join(root, "val")).samples[0][0]
-    with open(bad, "wb") as f:
-        f.write(b"not a JPEG")
+    break_images(root, 1)
+    # ImageFolder tolerates bad files only in a large set (0.1%): tolerate 1 in these 19
+    monkeypatch.setattr(ev, "ImageFolder", functools.partial(data.ImageFolder, max_bad_fraction=0.1))
     code, result, out, _ = run_main([trained["path"], "--data-dir", root, "--workers", "0"], capsys)
     assert code == 0 and result["unreadable"] == 1 and result["images"] == 19
     assert "not exact" in out
+
+
+def assert_one_error_line(err):
+    """stderr ends with the one line 'error: ...', and holds no traceback (ImageFolder's '[data]
+    unreadable image' lines and a progress bar may come before it)."""
+    lines = err.replace("\r", "\n").strip().splitlines()
+    assert "Traceback" not in err and lines[-1].startswith("error: ")
+    assert sum(line.startswith("error") for line in lines) == 1, err
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_too_many_unreadable_images_is_one_line(trained, capsys, tmp_path, workers):
+    root = str(tmp_path / "demo")
+    shutil.copytree(trained["root"], root)
+    break_images(root, 3)
+    code, result, _, err = run_main([trained["path"], "--data-dir", root, "--workers", str(workers)], capsys)
+    assert code == 2 and result is None
+    assert_one_error_line(err)
+    assert "unreadable" in err.splitlines()[-1]
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_val_set_of_one_unreadable_image_is_one_line(trained, capsys, tmp_path, workers):
+    folder = tmp_path / "one" / "val" / trained["ckpt"]["classes"][0]
+    folder.mkdir(parents=True)
+    (folder / "only.jpg").write_bytes(b"not a JPEG")
+    code, _, _, err = run_main([trained["path"], "--data-dir", str(tmp_path / "one"), "--workers",
+                                str(workers)], capsys)
+    assert code == 2
+    assert_one_error_line(err)
 
 
 def test_pickled_object_is_refused_without_running_it(trained):
@@ -282,11 +336,17 @@ def test_throughput_row_on_cpu(capsys):
 
 @pytest.mark.parametrize("argv", [[], ["--throughput"], ["--throughput", "--variant", "t", "--all"],
                                   ["--throughput", "--variant", "x"], ["ckpt.pt", "--all"],
-                                  ["ckpt.pt", "--variant", "t9"], ["ckpt.pt", "--dtype", "fp8"]])
+                                  ["ckpt.pt", "--variant", "t9"], ["ckpt.pt", "--dtype", "fp8"],
+                                  ["ckpt.pt", "--img-size", "0"], ["ckpt.pt", "--crop-pct", "0"],
+                                  ["ckpt.pt", "--crop-pct", "-0.5"], ["ckpt.pt", "--crop-pct", "1.01"],
+                                  ["ckpt.pt", "--batch-size", "0"], ["ckpt.pt", "--workers", "-1"],
+                                  ["ckpt.pt", "--ema", "--no-ema"], ["ckpt.pt", "--img-size", "x"]])
 def test_usage_errors_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as e:
         ev.main(argv)
     assert e.value.code == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ")
 
 
 def test_missing_file_data_dir_or_val_folder(trained, tiny_variants, capsys, tmp_path):
@@ -298,3 +358,168 @@ def test_missing_file_data_dir_or_val_folder(trained, tiny_variants, capsys, tmp
     save_official(trained["ckpt"]["model"], path)
     code, _, _, err = run_main([path, "--variant", "tiny"], capsys)
     assert code == 2 and "records no dataset: pass --data-dir" in err
+
+
+# ----------------------------------------------------------------------------------------------
+# Classes: by name, a subset of them, or by number for checkpoints that do not name them
+
+def copy_val(root, classes, dest, rename=None):
+    """dest/val/ holding root/val/'s folders of `classes`, named rename[c] if given; returns dest."""
+    for name in classes:
+        shutil.copytree(os.path.join(root, "val", name), os.path.join(dest, "val", (rename or {}).get(name, name)))
+    return str(dest)
+
+
+def restricted_score(logits, names, columns, column_names):
+    """score() of the images whose class is among column_names, over those columns of logits."""
+    rows = [i for i, name in enumerate(names) if name in column_names]
+    labels = [column_names.index(names[i]) for i in rows]
+    return score(logits[rows][:, columns], labels)
+
+
+def test_a_subset_of_the_classes_is_scored_among_them(trained, capsys, tmp_path):
+    ckpt, root = trained["ckpt"], trained["root"]
+    logits, names = per_image_logits(ckpt["ema"], ckpt["model_args"], os.path.join(root, "val"))
+    present = sorted(ckpt["classes"][1::2] + ckpt["classes"][:1])     # 6 of the 10
+    expected = restricted_score(logits, names, [ckpt["classes"].index(c) for c in present], present)
+    code, result, out, _ = run_main([trained["path"], "--data-dir", copy_val(root, present, tmp_path),
+                                     "--workers", "0", "--batch-size", "4"], capsys)
+    assert code == 0 and "scored over the 6 classes present of the model's 10" in out
+    assert (result["classes_scored"], result["model_classes"], result["classes_by"]) == (6, 10, "name")
+    assert result["images"] == expected["images"] < 19
+    for k in ("top1", "top5"):  # the same counts of hits, exactly
+        assert round(result[k] * result["images"] / 100) == round(expected[k] * expected["images"] / 100)
+    assert_same(result, expected)
+
+
+def test_official_1000_classes_are_the_imagenet_wordnet_ids(trained, tiny_variants, capsys, tmp_path):
+    torch.manual_seed(1)
+    net = mv.build_model("tiny", num_classes=1000)
+    path = str(tmp_path / "official-1k.pth.tar")
+    save_official(net.state_dict(), path)
+    wnids = {"checker": "n01440764", "dots": "n04589890", "vstripes": "n15075141"}  # ImageNet classes 0, 904, 999
+    val_root = copy_val(trained["root"], sorted(wnids), tmp_path / "wnid", rename=wnids)
+    logits, names = per_image_logits(net.state_dict(), net.model_args, os.path.join(val_root, "val"))
+    expected = restricted_score(logits, names, [0, 904, 999], sorted(wnids.values()))
+    code, result, out, _ = run_main([path, "--variant", "tiny", "--data-dir", val_root, "--workers", "0"], capsys)
+    assert code == 0 and "scored over the 3 classes present of the model's 1000" in out
+    assert_same(result, expected)
+
+
+def test_imagenet_class_list():
+    ids = ev.imagenet_classes()
+    assert len(ids) == len(set(ids)) == 1000 and ids == sorted(ids)
+    assert (ids[0], ids[281], ids[999]) == ("n01440764", "n02123045", "n15075141")  # tench, tabby, toilet tissue
+    assert all(len(i) == 9 and i[0] == "n" and i[1:].isdigit() for i in ids)
+
+
+def test_class_folders_the_model_does_not_know_are_refused(trained, capsys, tmp_path):
+    root = copy_val(trained["root"], trained["ckpt"]["classes"], tmp_path)
+    shutil.copytree(os.path.join(root, "val", "dots"), os.path.join(root, "val", "zebra"))
+    code, result, _, err = run_main([trained["path"], "--data-dir", root], capsys)
+    assert code == 2 and result is None
+    assert err.count("\n") == 1 and "1 class folder(s) the model does not know (zebra)" in err
+
+
+def test_checkpoint_without_class_names_numbers_val_folders(trained, capsys, tmp_path):
+    ckpt = {k: v for k, v in trained["ckpt"].items() if k != "classes"}   # as train.py saved before
+    path = str(tmp_path / "old.pt")
+    torch.save(ckpt, path)
+    code, result, out, _ = run_main([path, "--workers", "0"], capsys)
+    assert code == 0 and "does not name its classes" in out and result["classes_by"] == "number"
+    assert_same(result, reference(ckpt["ema"], ckpt["model_args"], trained["root"]))
+    some = copy_val(trained["root"], trained["ckpt"]["classes"][:4], tmp_path)
+    code, result, _, err = run_main([path, "--data-dir", some], capsys)
+    assert code == 2 and "4 class folders but the model predicts 10" in err
+
+
+# ----------------------------------------------------------------------------------------------
+# Which weights, which variant
+
+def test_default_weights_follow_the_recorded_scores(trained):
+    ckpt = dict(trained["ckpt"])
+    for scores, chosen in (({"model": 60.0, "ema": 50.0}, "model"), ({"model": 50.0, "ema": 50.0}, "ema"),
+                           ({"model": 40.0, "ema": 50.0}, "ema"), (None, "ema")):
+        name, why = ev.choose_weights(dict(ckpt, val_top1=scores), "x.pt")
+        assert name == chosen and why
+    assert ev.choose_weights(dict(ckpt, val_top1={"model": 60.0, "ema": 50.0}), "x.pt", "ema")[0] == "ema"
+    assert ev.choose_weights(dict(ckpt, ema=None), "x.pt")[0] == "model"
+    with pytest.raises(ev.EvalError, match="no EMA weights"):
+        ev.choose_weights(dict(ckpt, ema=None), "x.pt", "ema")
+
+
+def test_raw_weights_that_scored_higher_are_evaluated(trained, capsys, tmp_path):
+    path = str(tmp_path / "raw-better.pt")
+    torch.save(dict(trained["ckpt"], val_top1={"model": 60.0, "ema": 50.0}), path)
+    code, result, out, _ = run_main([path, "--workers", "0"], capsys)
+    assert code == 0 and result["weights"] == "model" and "weights: model (top-1 60.000% raw vs 50.000% EMA" in out
+    assert_same(result, reference(trained["ckpt"]["model"], trained["ckpt"]["model_args"], trained["root"]))
+
+
+def test_variant_that_contradicts_the_checkpoint_is_refused(trained, capsys):
+    code, _, _, err = run_main([trained["path"], "--variant", "s"], capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert "a checkpoint of variant 't' but --variant s was given" in err
+
+
+@pytest.mark.parametrize("which, key", [("ema", "norm.running_var"), ("model", "head.weight")])
+def test_non_finite_weights_are_refused(trained, capsys, tmp_path, which, key):
+    ckpt = dict(trained["ckpt"])
+    ckpt[which] = dict(ckpt[which])
+    ckpt[which][key] = ckpt[which][key].clone()
+    ckpt[which][key].view(-1)[3] = float("nan") if which == "ema" else float("inf")
+    path = str(tmp_path / "diverged.pt")
+    torch.save(ckpt, path)
+    code, result, _, err = run_main([path, "--workers", "0", "--ema" if which == "ema" else "--no-ema"], capsys)
+    assert code == 2 and result is None and err.count("\n") == 1
+    assert f"NaN or inf, first in {key}" in err
+
+
+# ----------------------------------------------------------------------------------------------
+# Where the data is; what the checkpoint file is
+
+def test_relative_data_dir_of_older_checkpoints(trained, capsys, tmp_path, monkeypatch):
+    ckpt = dict(trained["ckpt"], config={"data_dir": "demo", "img_size": IMG_SIZE})
+    path = str(tmp_path / "relative.pt")
+    torch.save(ckpt, path)
+    monkeypatch.chdir(os.path.dirname(trained["root"]))                # where "demo" is
+    code, result, _, _ = run_main([path, "--workers", "0"], capsys)
+    assert code == 0 and result["images"] == 19
+    monkeypatch.chdir(tmp_path)                                        # where it is not
+    code, _, _, err = run_main([path], capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert "the dataset" in err and "'demo'" in err and "pass --data-dir" in err
+
+
+def truncated(path, ckpt):
+    torch.save(ckpt, path)
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+
+
+@pytest.mark.parametrize("kind, expected", [
+    ("directory", "is a directory, not a checkpoint file"),
+    ("random bytes", "is not a PyTorch checkpoint (neither a zip archive nor a pickle)"),
+    ("text", "is not a PyTorch checkpoint (neither a zip archive nor a pickle)"),
+    ("pickle-like bytes", "it is truncated, damaged or not a torch.save file; copy it again or use another checkpoint"),
+    ("truncated", "it is truncated, damaged or not a torch.save file; copy it again or use another checkpoint"),
+    ("empty", "is empty (0 bytes)")])
+def test_files_that_are_not_checkpoints(trained, capsys, tmp_path, kind, expected):
+    path = tmp_path / "ckpt.pt"
+    if kind == "directory":
+        path.mkdir()
+    elif kind == "random bytes":
+        path.write_bytes(bytes(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0)).tolist()))
+    elif kind == "text":
+        path.write_text("epoch 3: top-1 71.2\n")
+    elif kind == "pickle-like bytes":  # the first byte of a pickle, then noise
+        path.write_bytes(b"\x80\x02" + bytes(range(256)) * 4)
+    elif kind == "truncated":
+        truncated(str(path), trained["ckpt"])
+    else:
+        path.write_bytes(b"")
+    code, result, _, err = run_main([str(path)], capsys)
+    assert code == 2 and result is None
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], err
+    assert "pickled object" not in err
