@@ -310,8 +310,8 @@ class CapturedCall:
                 with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                     self.output = self.fn(*self.inputs, **static)
                 self.graph = graph
-                self.log(f"fast path: {self.name} {static or ''} compiled and captured in "
-                         f"{time.time() - self.started:.1f} s ({self.warmup} warm-up steps, then one capture)")
+                self.log(f"fast path: {self.name}{''.join(f', {k} {v}' for k, v in static.items())} compiled "
+                         f"and captured in {time.time() - self.started:.1f} s ({self.warmup} warm-up steps, one capture)")
         except Exception as e:  # compiling or capturing failed; a capture has changed nothing yet
             raise FastPathUnavailable(f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}") from e
         for captured, a in zip(self.inputs, args):

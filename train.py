@@ -526,6 +526,8 @@ def prepare(args, rank, world):
         except OSError as e:
             raise UsageError(f"cannot write the demo set to {args.data_dir} ({e.strerror or e}): run from a "
                              f"writable folder, or pass --data-dir") from None
+    if not os.path.isdir(args.data_dir):
+        raise UsageError(f"data folder {args.data_dir} does not exist: pass --data-dir holding train/ and val/")
     for split in ("train", "val"):
         if not os.path.isdir(os.path.join(args.data_dir, split)):
             raise UsageError(f"no {split}/ folder in {args.data_dir}: expected {args.data_dir}/train/<class>/ "
