@@ -134,7 +134,7 @@ def test_train_step_equals_its_parts_by_hand(opt, clip):
     ref = lamb_reference(before, [[g / scale for g in grads]], lr=0.01, betas=(0.9, 0.999), eps=1e-8,
                          wd=0.05, decays=[d and opt == "lamb" for d in decays], max_grad_norm=math.inf) \
         if opt == "lamb" else adamw_reference(before, [g / scale for g in grads], 0.01, 0.05, decays)
-    assert finite and loss == pytest.approx(float(ref_loss), rel=1e-5) and grad_norm == pytest.approx(norm, rel=1e-4)
+    assert finite and loss == pytest.approx(float(ref_loss.detach()), rel=1e-5) and grad_norm == pytest.approx(norm, rel=1e-4)
     for p, r in zip(model.parameters(), ref):
         assert (p.detach().double() - r).norm() <= 1e-5 * r.norm() + 1e-8
     for e, m, t in zip(ema.module.parameters(), model.parameters(), teacher.parameters()):
@@ -356,7 +356,7 @@ def test_benchmark_mode(capsys):
     ("output dir is a file", ["--output-dir", "{corrupt}"], "is a file: pass a folder"),
     ("output dir under a file", ["--output-dir", "{corrupt}/run"], "cannot use --output-dir"),
     ("window size 0", ["--window-size", "0", "0", "0", "0"], "--window-size takes 4 positive sizes"),
-    ("unknown model setting", ["--model-overrides", '{"depth": 3}'], "unknown key(s) depth"),
+    ("unknown model setting", ["--model-overrides", '{{"depth": 3}}'], "unknown key(s) depth"),
     ("negative lr", ["--lr", "-1"], "--lr must be positive"),
 ])
 def test_bad_input_gives_one_line_and_exit_2(case, flags, message, demo_dir, tmp_path, capsys):
