@@ -483,6 +483,7 @@ def evaluate(model, loader, device, amp):
 def main(argv=None):
     args = get_parser().parse_args(argv)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    lock = None
     try:
         if args.benchmark:
             import bench
@@ -503,6 +504,8 @@ def main(argv=None):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+        if lock is not None:  # now: an exception's traceback would keep the file, and the lock, alive
+            lock.close()      # after main returns (train.main called in-process, as the tests do)
 
 
 def prepare(args, rank, world):
@@ -513,6 +516,16 @@ def prepare(args, rank, world):
     if os.path.isfile(args.output_dir):
         raise UsageError(f"--output-dir {args.output_dir} is a file: pass a folder")
     lock = lock_output_dir(args.output_dir) if rank == 0 else None
+    try:
+        return prepare_locked(args, world), lock
+    except BaseException:
+        if lock is not None:  # a refused run frees the folder at once (see main)
+            lock.close()
+        raise
+
+
+def prepare_locked(args, world):
+    """prepare() with the output folder held: the checkpoint to resume, the settings, the data folder."""
     last = os.path.join(args.output_dir, "last.pt")
     resume = args.resume or (last if os.path.isfile(last) else None)
     checkpoint = load_checkpoint(resume) if resume else None
@@ -532,7 +545,7 @@ def prepare(args, rank, world):
         if not os.path.isdir(os.path.join(args.data_dir, split)):
             raise UsageError(f"no {split}/ folder in {args.data_dir}: expected {args.data_dir}/train/<class>/ "
                              f"and {args.data_dir}/val/<class>/ (pass the right --data-dir)")
-    return checkpoint, lock
+    return checkpoint
 
 
 def train(args, checkpoint, rank, world, device, stop):
@@ -597,7 +610,7 @@ def train(args, checkpoint, rank, world, device, stop):
                 link_atomic(path, os.path.join(args.output_dir, also))
         return time.time()
 
-    stop, last_save = StopSignal(), time.time()
+    last_save = time.time()  # `stop` has caught signals since before the set-up: one arriving then is kept
     for epoch in range(state["epoch"], args.epochs):
         if args.max_steps is not None and state["step"] >= args.max_steps:
             break
