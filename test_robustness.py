@@ -333,6 +333,28 @@ def test_a_full_disk_keeps_the_previous_checkpoint(demo_dir, tmp_path, monkeypat
     assert load(tmp_path / "last.pt")["step"] == 20
 
 
+def test_a_full_disk_at_the_metrics_is_one_line_and_they_come_back(demo_dir, tmp_path, monkeypatch, capsys):
+    replace = os.replace
+
+    def disk_full_at_the_epoch_end(src, dst):  # the first metrics.jsonl (empty, at start) is written
+        if str(dst).endswith("metrics.jsonl") and (tmp_path / "metrics.jsonl").exists():
+            raise OSError(28, "No space left on device")
+        return replace(src, dst)
+
+    monkeypatch.setattr(train.os, "replace", disk_full_at_the_epoch_end)
+    argv = ["--data-dir", demo_dir, "--output-dir", str(tmp_path), *TINY_FLAGS, "--max-steps", "14"]
+    code, _, err = main_exit(argv, capsys)
+    assert code == 1 and sum("error" in line for line in err) == 1, err
+    assert err[-1] == (f"error: cannot write {tmp_path / 'metrics.jsonl'} (No space left on device); the checkpoints "
+                       f"are intact: free space, then run the same command to resume")
+    assert glob.glob(str(tmp_path / "*.tmp-*")) == [] and (tmp_path / "metrics.jsonl").read_text() == ""
+    monkeypatch.setattr(train.os, "replace", replace)
+    assert load(tmp_path / "last.pt")["step"] == 13  # epoch 0 was saved before its metrics line
+    train.main(argv)  # the line comes back from the checkpoint
+    assert [(m["epoch"], m["step"]) for m in metrics_log(tmp_path)] == [(0, 13)]
+    assert load(tmp_path / "last.pt")["step"] == 14
+
+
 def test_an_unwritable_output_dir_is_one_line(demo_dir, tmp_path, capsys):
     locked = tmp_path / "read-only"
     locked.mkdir()

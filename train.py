@@ -590,8 +590,7 @@ def train(args, checkpoint, rank, world, device, stop):
         f"{len(classes)} classes; {len(train_set)} train / {len(val_set)} val images; {world} process(es) on "
         f"{device.type}, {'fast path (torch.compile + CUDA graphs)' if fast else 'eager'}; {spe} steps per epoch")
     if master:
-        with open(os.path.join(args.output_dir, "config.json"), "w") as f:
-            json.dump(config, f, indent=1)
+        write_text_atomic(os.path.join(args.output_dir, "config.json"), json.dumps(config, indent=1))
         write_metrics(args.output_dir, state["metrics"])
 
     def save(name, also=None):
@@ -731,10 +730,23 @@ def due(last_save, args, device):
 
 def write_metrics(output_dir, metrics):
     """metrics.jsonl anew from the checkpoint's list: each epoch's line exactly once, whatever was killed."""
-    path = os.path.join(output_dir, "metrics.jsonl")
-    with open(f"{path}.tmp-{os.getpid()}", "w") as f:
-        f.writelines(json.dumps(m) + "\n" for m in metrics)
-    os.replace(f"{path}.tmp-{os.getpid()}", path)
+    write_text_atomic(os.path.join(output_dir, "metrics.jsonl"), "".join(json.dumps(m) + "\n" for m in metrics))
+
+
+def write_text_atomic(path, text):
+    """A temporary file, then a rename: a kill leaves the old file. A failed write (a full disk) is
+    one line, exit 1, like a checkpoint's: the checkpoints were saved before, and the file is
+    written anew from them when the run resumes."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise TrainingError(f"cannot write {path} ({e.strerror or e}); the checkpoints are intact: free space, "
+                            f"then run the same command to resume") from None
 
 
 def write_step_log(args, step, lr, loss, grad_norm, data_wait, device, master):
@@ -745,8 +757,13 @@ def write_step_log(args, step, lr, loss, grad_norm, data_wait, device, master):
     if master:
         line = dict(step=step, lr=lr, loss=loss_sum / args.world_size, grad_norm=grad_norm,
                     data_wait_ms=1000 * wait_sum / args.world_size, time=time.time())  # time: step ends
-        with open(os.path.join(args.output_dir, "steps.jsonl"), "a") as f:
-            f.write(json.dumps(line) + "\n")
+        path = os.path.join(args.output_dir, "steps.jsonl")
+        try:
+            with open(path, "a") as f:
+                f.write(json.dumps(line) + "\n")
+        except OSError as e:  # one line, exit 1, as for the other files
+            raise TrainingError(f"cannot write {path} ({e.strerror or e}); the last checkpoint is intact: free "
+                                f"space, then run the same command to resume") from None
 
 
 if __name__ == "__main__":
