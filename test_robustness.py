@@ -165,7 +165,7 @@ def test_sigterm_to_torchrun_saves_and_resumes(demo_dir, tmp_path):
     proc.wait(timeout=60)  # torchrun itself ends with 1 (its SignalException)
     stdout = read(tmp_path / "torchrun.out")
     done = len(steps_log(out))
-    assert 3 <= done < 6 and f"stopped by signal 15 at step {done}: saved last.pt" in stdout, \
+    assert 3 <= done < 12 and f"stopped by signal 15 at step {done}: saved last.pt" in stdout, \
         read(tmp_path / "torchrun.err")[-2000:]
     ckpt = load(out / "last.pt")
     assert ckpt["step"] == done and len(ckpt["rng"]) == 2
