@@ -39,7 +39,7 @@ from eval import evaluate as evaluation_sums
 from model import _ARCH_KEYS, VARIANTS, MambaVision, build_model
 from step import Lamb, ModelEma, TrainStep, param_groups
 
-# The official ImageNet-1K recipe per variant, from the released configs (mambavision/configs/*.yaml).
+# The official ImageNet-1K recipe per variant, as the official release's training configs give it.
 #         drop_path_rate, weight_decay, warmup_epochs, mesa (weight), mesa_start (fraction of epochs)
 RECIPES = {
     "t":  dict(drop_path_rate=0.2, weight_decay=0.05, warmup_epochs=20, mesa=0.5, mesa_start=0.25),
@@ -618,7 +618,7 @@ def train(args, checkpoint, rank, world, device, stop):
         # k steps into the epoch, the first k x global batch positions are used, on any world size
         sampler.set_position(state["epoch_step"] * args.batch_size * args.accum_steps)
         model.train()
-        sums, t0, batches = state["sums"], time.time(), iter(train_loader)
+        t0, batches = time.time(), iter(train_loader)
         with tqdm(total=spe, initial=state["epoch_step"], desc=f"epoch {epoch}", disable=not master,
                   dynamic_ncols=True) as bar:
             for k in range(state["epoch_step"], spe):
@@ -629,19 +629,8 @@ def train(args, checkpoint, rank, world, device, stop):
                 loss, grad_norm, finite = train_step(micro_batches, lr, use_mesa)
                 if args.step_log:
                     write_step_log(args, state["step"], lr, loss, grad_norm, wait, device, master)
-                state["bad_steps"] = 0 if finite else state["bad_steps"] + 1
-                if not finite and args.amp != "fp16":  # fp16's loss scale skips overflows by design
-                    log(f"warning: non-finite loss or gradient at step {state['step']} (loss {loss}): step "
-                        f"skipped, the network unchanged ({state['bad_steps']} in a row)")
-                if state["bad_steps"] >= args.max_bad_steps:
-                    raise TrainingError(f"{state['bad_steps']} non-finite steps in a row at step {state['step']}: "
-                                        f"lower --lr, use --amp bf16, or resume from an earlier checkpoint")
-                images = args.accum_steps * args.batch_size * world
-                state.update(epoch=epoch, epoch_step=k + 1, step=state["step"] + 1, images=state["images"] + images)
-                sums = dict(loss=sums["loss"] + (loss if finite else 0.0), finite=sums["finite"] + finite,
-                            steps=sums["steps"] + 1, images=sums["images"] + images,
-                            seconds=sums["seconds"] + time.time() - t0, data_wait=sums["data_wait"] + wait)
-                state["sums"], t0 = sums, time.time()
+                state = count_step(state, args, epoch, k, loss, finite, wait, time.time() - t0, log)
+                t0, sums = time.time(), state["sums"]
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", img_s=f"{sums['images'] / sums['seconds']:.0f}",
                                 data_ms=f"{1000 * sums['data_wait'] / sums['steps']:.1f}")  # mean wait a step
@@ -662,18 +651,11 @@ def train(args, checkpoint, rank, world, device, stop):
         ema_top1, ema_top5 = evaluate(ema.module, val_loader, device, args.amp) if ema is not None else (None, None)
         if ema is not None:
             check_replicas_in_sync(ema.module, "EMA weights")
-        wait, steps_run = all_reduce_sum([sums["data_wait"], sums["steps"]], device)  # sums over ranks
-        best = max(top1, ema_top1 or 0.0)
-        is_best = best > state["best_top1"]
-        metrics = dict(epoch=epoch, step=state["step"], lr=lr_at(epoch + (spe - 1) / spe, args),
-                       train_loss=sums["loss"] / max(sums["finite"], 1), top1=top1, top5=top5, ema_top1=ema_top1, ema_top5=ema_top5,
-                       best_top1=max(best, state["best_top1"]), train_images_per_s=sums["images"] /
-                       max(sums["seconds"], 1e-9), data_wait_ms_per_step=1000 * wait / max(steps_run, 1),
-                       data_wait_fraction=wait / world / max(sums["seconds"], 1e-9),
-                       epoch_seconds=sums["seconds"], bad_images=train_set.num_bad + val_set.num_bad)
-        state.update(epoch=epoch + 1, epoch_step=0, best_top1=metrics["best_top1"], metrics=state["metrics"] + [metrics],
-                     val_top1=dict(model=top1, ema=ema_top1),
-                     sums=EPOCH_SUMS)
+        metrics = epoch_metrics(state, args, epoch, spe, top1, top5, ema_top1, ema_top5, device,
+                                bad_images=train_set.num_bad + val_set.num_bad)
+        is_best = metrics["best_top1"] > state["best_top1"]
+        state = state | dict(epoch=epoch + 1, epoch_step=0, best_top1=metrics["best_top1"], sums=EPOCH_SUMS,
+                             metrics=state["metrics"] + [metrics], val_top1=dict(model=top1, ema=ema_top1))
         last_save = save("last.pt", also="best.pt" if is_best else None)
         if master:
             write_metrics(args.output_dir, state["metrics"])
@@ -683,6 +665,37 @@ def train(args, checkpoint, rank, world, device, stop):
             + f"; data wait {metrics['data_wait_ms_per_step']:.1f} ms a step, "
               f"{100 * metrics['data_wait_fraction']:.0f}% of training time ({metrics['epoch_seconds']:.0f} s)")
     log(f"done: best top-1 {state['best_top1']:.2f}; checkpoints in {args.output_dir}")
+
+
+def count_step(state, args, epoch, k, loss, finite, wait, seconds, log):
+    """The run's counters after step k of the epoch (a new state): a non-finite step is counted
+    and warned about, and too many in a row stop the run."""
+    bad_steps = 0 if finite else state["bad_steps"] + 1
+    if not finite and args.amp != "fp16":  # fp16's loss scale skips overflows by design
+        log(f"warning: non-finite loss or gradient at step {state['step']} (loss {loss}): step skipped, the "
+            f"network unchanged ({bad_steps} in a row)")
+    if bad_steps >= args.max_bad_steps:
+        raise TrainingError(f"{bad_steps} non-finite steps in a row at step {state['step']}: lower --lr, use "
+                            f"--amp bf16, or resume from an earlier checkpoint")
+    images, sums = args.accum_steps * args.batch_size * args.world_size, state["sums"]
+    sums = dict(loss=sums["loss"] + (loss if finite else 0.0), finite=sums["finite"] + finite,
+                steps=sums["steps"] + 1, images=sums["images"] + images, seconds=sums["seconds"] + seconds,
+                data_wait=sums["data_wait"] + wait)
+    return state | dict(epoch=epoch, epoch_step=k + 1, step=state["step"] + 1, images=state["images"] + images,
+                        bad_steps=bad_steps, sums=sums)
+
+
+def epoch_metrics(state, args, epoch, spe, top1, top5, ema_top1, ema_top5, device, bad_images):
+    """The epoch's line of metrics.jsonl, from its running sums (data waits summed over the ranks)."""
+    sums = state["sums"]
+    wait, steps_run = all_reduce_sum([sums["data_wait"], sums["steps"]], device)
+    return dict(epoch=epoch, step=state["step"], lr=lr_at(epoch + (spe - 1) / spe, args),
+                train_loss=sums["loss"] / max(sums["finite"], 1), top1=top1, top5=top5, ema_top1=ema_top1,
+                ema_top5=ema_top5, best_top1=max(top1, ema_top1 or 0.0, state["best_top1"]),
+                train_images_per_s=sums["images"] / max(sums["seconds"], 1e-9),
+                data_wait_ms_per_step=1000 * wait / max(steps_run, 1),
+                data_wait_fraction=wait / args.world_size / max(sums["seconds"], 1e-9),
+                epoch_seconds=sums["seconds"], bad_images=bad_images)
 
 
 def resume(checkpoint, args, model, ema, optimizer, classes, spe, rank, state, log):
