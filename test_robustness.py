@@ -175,6 +175,40 @@ def test_sigterm_to_torchrun_saves_and_resumes(demo_dir, tmp_path):
     assert [m["step"] for m in metrics_log(out)] == [6, 12]
 
 
+INF_ON_RANK_1 = """
+import os, sys
+import data, train
+calls, normalize = [0], data.normalize_and_erase
+def poisoned(x, boxes, mean, std):
+    calls[0] += 1
+    out = normalize(x, boxes, mean, std)
+    if calls[0] == 4 and os.environ["RANK"] == "1":  # step 3, on one rank only
+        out[0, 0, 0, 0] = float("inf")
+    return out
+data.normalize_and_erase = poisoned
+train.main(sys.argv[1:])
+"""
+
+
+def test_an_inf_on_one_rank_skips_the_step_on_both(demo_dir, tmp_path):
+    """Under torchrun the averaged gradients carry one rank's inf to every rank: both skip the same
+    step, restore their statistics, and stay identical (checked at each epoch's end)."""
+    script = tmp_path / "poisoned_train.py"
+    script.write_text(INF_ON_RANK_1)
+    out = tmp_path / "run"
+    r = subprocess.run(TORCHRUN + [str(script), "--data-dir", demo_dir, "--output-dir", str(out), *TINY_FLAGS,
+                                   "--epochs", "2", "--cooldown-epochs", "0", "--step-log"],
+                       capture_output=True, text=True, timeout=120, env=TRAIN_ENV, cwd=HERE)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("step skipped") == 1 and "at step 3" in r.stdout
+    assert r.stdout.count("weights and EMA identical on 2 ranks") == 2
+    ckpt = load(out / "last.pt")
+    assert all_finite(ckpt["model"]) and all_finite(ckpt["ema"])
+    assert all(math.isfinite(m["top1"]) and math.isfinite(m["train_loss"]) for m in metrics_log(out))
+    grad_norms = [s["grad_norm"] for s in steps_log(out)]
+    assert not math.isfinite(grad_norms[3]) and all(math.isfinite(g) for i, g in enumerate(grad_norms) if i != 3)
+
+
 def test_ctrl_c_to_the_process_group_with_loader_workers(demo_dir, tmp_path):
     # Ctrl-C reaches every process of the group, the loader workers too: they ignore it, so the
     # training process can still finish its step and save
