@@ -171,10 +171,10 @@ class TrainStep:
         self.model, self.ema, self.optimizer = model, ema, optimizer
         self.num_classes, self.world_size, self.settings = num_classes, world_size, settings
         device = next(model.parameters()).device
-        self.params = [p for g in optimizer.param_groups for p in g["params"]]
-        for p in self.params:  # .grad tensors made once: each backward adds into them, each step zeroes them
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        for p in params:  # .grad tensors made once: each backward adds into them, each step zeroes them
             p.grad = torch.zeros_like(p)
-        self.grads = [p.grad for p in self.params]
+        self.grads = [p.grad for p in params]
         self.statistics = batchnorm_statistics(model)
         self.buffers = list(model.buffers())
         self.saved_buffers = [b.clone() for b in self.buffers]
@@ -229,8 +229,8 @@ class TrainStep:
 
     def _finite(self, grad_norm):
         """The step's one host sync. Ranks agree: the norm and the statistics are the averaged ones."""
-        statistics = torch.stack(torch._foreach_norm(self.statistics)).sum() if self.statistics else grad_norm
-        return bool(torch.isfinite(grad_norm + statistics))
+        total = grad_norm + (torch.stack(torch._foreach_norm(self.statistics)).sum() if self.statistics else 0)
+        return bool(torch.isfinite(total))
 
     def __call__(self, micro_batches, lr, use_mesa):
         if self.fast:

@@ -1,5 +1,6 @@
 """CPU tests of train.py and step.py: LAMB, the step, the schedule, EMA, losses, several processes on
 gloo, kill-and-resume, signals, resume checks, bad input; GPU tests of the fast path (skipped without CUDA)."""
+import copy
 import json
 import math
 import os
@@ -117,8 +118,8 @@ def test_train_step_equals_its_parts_by_hand(opt, clip):
     """One TrainStep: gradients of the mixed, normalised batch's loss (+ MESA), one clip at
     min(--clip-grad, LAMB's 1), then the LAMB/AdamW formulas in float64, then the EMA."""
     model, ema, optimizer, train_step, (x, boxes, labels, mix, seed) = tiny_step_setup(clip_grad=clip, opt=opt)
-    twin = copy_model(model)
-    teacher = copy_model(ema.module)
+    twin = copy.deepcopy(model)
+    teacher = copy.deepcopy(ema.module)
     before = [p.detach().double().clone() for p in model.parameters()]
     loss, grad_norm, finite = train_step([(x, boxes, labels, mix, seed)], 0.01, use_mesa=True)
     torch.manual_seed(seed)  # the same erase noise and drop path draws as the step's
@@ -142,11 +143,6 @@ def test_train_step_equals_its_parts_by_hand(opt, clip):
     assert all(float(p.grad.abs().max()) == 0 for p in model.parameters())  # zeroed for the next step
 
 
-def copy_model(model):
-    import copy
-    return copy.deepcopy(model)
-
-
 def adamw_reference(params, grads, lr, wd, decays, betas=(0.9, 0.999), eps=1e-8):
     """One AdamW step (t = 1) per tensor in float64, decay decoupled."""
     out = []
@@ -162,7 +158,7 @@ def test_a_non_finite_step_leaves_no_trace():
     optimizer state are bit-identical to before it (the forward had moved the statistics)."""
     model, ema, optimizer, train_step, (x, boxes, labels, mix, seed) = tiny_step_setup()
     train_step([(x, boxes, labels, mix, seed)], 0.01, use_mesa=False)  # one good step: optimizer state exists
-    saved = [copy_model(model).state_dict(), copy_model(ema.module).state_dict()]
+    saved = [copy.deepcopy(model).state_dict(), copy.deepcopy(ema.module).state_dict()]
     moments = [s["exp_avg"].clone() for s in optimizer.state.values()]
     poisoned = mix.clone()
     poisoned[0] = float("inf")  # blend inf: every pixel non-finite from the first layer on
