@@ -1,7 +1,7 @@
 """One optimizer step of the MambaVision recipe, and the fast path that replays it as CUDA graphs.
 
     step = TrainStep(model, ema, optimizer, settings, num_classes, world_size, fast=True)
-    loss, grad_norm, finite = step(micro_batches, lr, use_mesa)
+    loss, grad_norm, finite = step(micro_batches, lr, use_mesa).tolist()   # .tolist() waits for the GPU
 
 A step, for each micro-batch (uint8 images, erase boxes, labels, mixup/cutmix choice, seed):
 normalise and erase, mixup/cutmix, forward, soft-target cross-entropy (+ MESA's distillation from
@@ -9,17 +9,19 @@ the EMA teacher), backward of loss / micro-batches into .grad. Then, on several 
 all-reduce averages the gradients and the BatchNorm running statistics (so every rank holds the
 same network at every step), and the gradient norm decides:
     finite     -> clip, optimizer (LAMB), EMA update;
-    not finite -> the step is skipped and leaves no trace: the BatchNorm statistics its forward
-                  moved are put back, and nothing else was touched.
-That decision is the step's one wait for the GPU.
+    not finite -> the step is skipped: the weights, the optimizer's moments and step count stay as
+                  they were, the BatchNorm statistics its forward moved are put back (the EMA takes
+                  its usual step towards the unchanged network, as timm's does).
+The decision is taken on the device (the kernels read a 0/1 tensor), so the host never waits for
+the GPU inside a step: it queues the next step while the GPU runs this one.
 
 The fast path (`fast=True`, CUDA only): the model and the EMA teacher are torch.compile'd, and the
 step's two halves, one micro-batch's forward + backward and the update (clip, optimizer, EMA), are
 each captured once as a CUDA graph (`CapturedCall`) and replayed: two launches a micro-batch
 instead of ~1,500 kernels launched one by one from Python, which is what bounds an eager
-MambaVision step. The learning rate, the gradient norm and the mixup choice enter the graphs as
-device tensors, so one capture serves the whole schedule; the forward graph is captured again only
-when MESA switches on. Where compiling or capturing fails, one warning names the reason and the
+MambaVision step. The learning rate and the mixup choice enter the graphs as device tensors and
+the finite test is one, so one capture serves the whole schedule; the forward graph is captured
+again only when MESA switches on. Where compiling or capturing fails, one warning names the reason and the
 step goes on eagerly: the same function, with the same results up to rounding.
 """
 import copy
@@ -67,15 +69,21 @@ class Lamb(torch.optim.Optimizer):
     (p - lr * wd * p - lr * m_hat / (sqrt(v_hat) + eps), the decay decoupled from the moments).
     `lr` is given to step(), a float or a 0-dim tensor on the device, and the step count t lives
     on the device too: no host value changes from step to step, so a CUDA graph can hold the step.
-    torch._foreach_* ops: a few launches per step for all parameters instead of a dozen per tensor.
+    Fused and torch._foreach_* kernels: a few launches per step for all parameters, not a dozen per tensor.
     """
 
     def __init__(self, params, betas=(0.9, 0.999), eps=1e-8, trust_ratio=True):
         super().__init__(params, dict(betas=tuple(betas), eps=eps, weight_decay=0.0))
-        self.trust_ratio = trust_ratio
+        self.trust_ratio, self.scratch = trust_ratio, {}
 
     @torch.no_grad()
-    def step(self, lr):
+    def step(self, lr, grad_scale=None, skip=None):
+        """One step. grad_scale (0-dim tensor): the gradients are divided by it first (the clip and
+        the fp16 loss scale in one number); skip (0-dim float tensor): 1 leaves the weights, the
+        moments and t as they were (a non-finite step), decided on the device, not the host.
+        The Adam part (m, v, and the bias-corrected direction) is PyTorch's fused AdamW kernel,
+        one pass over the parameters; LAMB adds the trust ratio on top."""
+        keep = 1 - skip if skip is not None else 1.0
         for group in self.param_groups:
             params = group["params"]
             if not params:
@@ -84,31 +92,32 @@ class Lamb(torch.optim.Optimizer):
                 if not self.state[p]:  # t as a float tensor: load_state_dict moves it to p's device
                     self.state[p].update(t=torch.zeros((), dtype=p.dtype, device=p.device), exp_avg=torch.zeros_like(p),
                                          exp_avg_sq=torch.zeros_like(p))
-            b1, b2 = group["betas"]
+            (b1, b2), eps, wd = group["betas"], group["eps"], group["weight_decay"]
             grads = [p.grad for p in params]
-            steps = [self.state[p]["t"] for p in params]
-            torch._foreach_add_(steps, 1.0)
-            t = steps[0]
-            m = [self.state[p]["exp_avg"] for p in params]
-            v = [self.state[p]["exp_avg_sq"] for p in params]
-            torch._foreach_lerp_(m, grads, 1 - b1)                        # m = b1 m + (1 - b1) g
-            torch._foreach_mul_(v, b2)
-            torch._foreach_addcmul_(v, grads, grads, value=1 - b2)        # v = b2 v + (1 - b2) g^2
-            denom = torch._foreach_sqrt(v)
-            torch._foreach_div_(denom, torch.sqrt(1 - b2 ** t))
-            torch._foreach_add_(denom, group["eps"])                      # sqrt(v_hat) + eps
-            update = torch._foreach_div(m, denom)
-            torch._foreach_div_(update, 1 - b1 ** t)                      # m_hat / (sqrt(v_hat) + eps)
-            if group["weight_decay"] > 0:
-                torch._foreach_add_(update, params, alpha=group["weight_decay"])
-            if group["weight_decay"] > 0 and self.trust_ratio:
+            m, v, steps = ([self.state[p][k] for p in params] for k in ("exp_avg", "exp_avg_sq", "t"))
+            torch._foreach_add_(steps, [keep] * len(steps))  # a list: adding one tensor to all is not capturable
+            adam = dict(beta1=b1, beta2=b2, eps=eps, amsgrad=False, maximize=False, grad_scale=grad_scale,
+                        found_inf=skip)
+            if wd > 0 and self.trust_ratio:
+                # u = m_hat / (sqrt(v_hat) + eps): AdamW with lr -1 and no decay, run on zeros
+                update = self._zeros(params)
+                torch._fused_adamw_(update, grads, m, v, [], steps, lr=-1.0, weight_decay=0.0, **adam)
+                torch._foreach_add_(update, params, alpha=wd)                      # u + wd * p
                 w_norm = torch.stack(torch._foreach_norm(params))
                 u_norm = torch.stack(torch._foreach_norm(update))
                 trust = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm))
-                torch._foreach_mul_(update, list((-lr * trust).unbind()))  # -lr * r, one per tensor
-            else:
-                torch._foreach_mul_(update, -lr)
-            torch._foreach_add_(params, update)
+                torch._foreach_mul_(update, list((-lr * keep * trust).unbind()))  # -lr * r, one per tensor
+                torch._foreach_add_(params, update)
+            else:  # p = p - lr * wd * p - lr * m_hat / (sqrt(v_hat) + eps)
+                torch._fused_adamw_(params, grads, m, v, [], steps, lr=lr, weight_decay=wd, **adam)
+
+    def _zeros(self, params):
+        """Zeroed tensors shaped as `params`, made once and kept (a CUDA graph needs fixed addresses)."""
+        key = tuple(id(p) for p in params)
+        if key not in self.scratch:
+            self.scratch[key] = [torch.zeros_like(p) for p in params]
+        torch._foreach_zero_(self.scratch[key])
+        return self.scratch[key]
 
 
 def param_groups(model, weight_decay):
@@ -164,17 +173,18 @@ class TrainStep:
     settings: the run's configuration with mesa, smoothing, clip_grad, opt, amp, accum_steps.
     __call__(micro_batches, lr, use_mesa) with micro_batches [(x uint8 (B, 3, S, S) channels_last,
     erase boxes (B, 4), labels (B,), mix (6,) from data.draw_mix, seed)], all on the device.
-    Returns (mean loss over the micro-batches, gradient norm before clipping, finite) as Python
-    values; finite False means the step was skipped."""
+    Returns a (3,) float tensor on the device: (mean loss over the micro-batches, gradient norm
+    before clipping, finite 1 or 0); 0 means the step was skipped. Reading it waits for the GPU, so
+    the caller reads several steps' results at once, now and then."""
 
     def __init__(self, model, ema, optimizer, settings, num_classes, world_size, fast, log=print):
         self.model, self.ema, self.optimizer = model, ema, optimizer
         self.num_classes, self.world_size, self.settings = num_classes, world_size, settings
         device = next(model.parameters()).device
-        params = [p for g in optimizer.param_groups for p in g["params"]]
-        for p in params:  # .grad tensors made once: each backward adds into them, each step zeroes them
+        self.params = [p for g in optimizer.param_groups for p in g["params"]]
+        for p in self.params:  # the fast path's .grad, made once: each backward adds into them, each step zeroes them
             p.grad = torch.zeros_like(p)
-        self.grads = [p.grad for p in params]
+        self.grads = [p.grad for p in self.params]
         self.statistics = batchnorm_statistics(model)
         self.buffers = list(model.buffers())
         self.saved_buffers = [b.clone() for b in self.buffers]
@@ -191,7 +201,7 @@ class TrainStep:
         # on every overflow, which skips the step, doubled after 2000 good steps in a row)
         self.loss_scale = torch.ones((), device=device)
         self.lr = torch.zeros((), device=device)  # filled each step: the graphs read it there
-        self.scaling, self.good_steps = settings.amp == "fp16", 0
+        self.scaling, self.good_steps = settings.amp == "fp16", torch.zeros((), device=device)
         if self.scaling:
             self.loss_scale.fill_(2.0 ** 16)
         self.fast = fast
@@ -217,20 +227,26 @@ class TrainStep:
         (loss * (self.loss_scale / self.settings.accum_steps)).backward()
         return loss.detach()
 
-    def _update(self, grad_norm, lr):
-        """Clip (and undo the fp16 loss scale), optimizer step, EMA update, then zero the gradients."""
-        if self.max_norm < math.inf or self.scaling:
-            clip = torch.clamp(self.max_norm / (grad_norm + 1e-6), max=1.0)
-            torch._foreach_mul_(self.grads, clip / self.loss_scale)
-        self.optimizer.step(lr)
-        if self.ema is not None:
+    def _update(self, loss, lr):
+        """After the micro-batches: the gradient norm, the finite test, clip (and undo the fp16 loss
+        scale), optimizer step, EMA update, zero the gradients; returns (loss, grad_norm, finite).
+        Everything stays on the device: a non-finite step is skipped by the kernels (`skip`), and
+        the BatchNorm statistics its forward moved are put back, without the host waiting."""
+        grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(self.grads))) / self.loss_scale
+        total = grad_norm + (torch.stack(torch._foreach_norm(self.statistics)).sum() if self.statistics else 0)
+        finite = torch.isfinite(total)  # ranks agree: the norm and the statistics are the averaged ones
+        clip = torch.clamp(self.max_norm / (grad_norm + 1e-6), max=1.0) if self.max_norm < math.inf else 1.0
+        self.optimizer.step(lr, grad_scale=self.loss_scale / clip, skip=(~finite).float())
+        for b, saved in zip(self.buffers, self.saved_buffers):
+            b.copy_(torch.where(finite, b, saved))
+        if self.ema is not None:  # as timm's: the EMA steps also when the step was skipped
             self.ema.update()
         torch._foreach_zero_(self.grads)
-
-    def _finite(self, grad_norm):
-        """The step's one host sync. Ranks agree: the norm and the statistics are the averaged ones."""
-        total = grad_norm + (torch.stack(torch._foreach_norm(self.statistics)).sum() if self.statistics else 0)
-        return bool(torch.isfinite(total))
+        if self.scaling:  # halve the scale on an overflow, double it after 2000 good steps in a row
+            good = torch.where(finite, self.good_steps + 1, 0)
+            self.loss_scale.mul_(torch.where(finite, torch.where(good == 2000, 2.0, 1.0), 0.5))
+            self.good_steps.copy_(torch.where(good == 2000, 0, good))
+        return torch.stack([loss, grad_norm, finite.float()])
 
     def __call__(self, micro_batches, lr, use_mesa):
         if self.fast:
@@ -247,25 +263,21 @@ class TrainStep:
 
     def _step(self, micro_batches, lr, use_mesa):
         torch._foreach_copy_(self.saved_buffers, self.buffers)  # so that a skipped step leaves no trace
+        if not self.fast:  # eager: the first backward stores fresh gradients, no adding into zeros
+            for p in self.params:
+                p.grad = None
         loss = 0.0
         for x, boxes, labels, mix, seed in micro_batches:
             torch.manual_seed(seed)  # erase noise and drop path draw from torch's generator
             loss = loss + self.forward_backward(x, boxes, labels, mix, use_mesa=use_mesa)
+        if not self.fast:
+            for p in self.params:
+                if p.grad is None:  # a parameter this step's graph did not reach
+                    p.grad = torch.zeros_like(p)
+            self.grads = [p.grad for p in self.params]
         if self.world_size > 1:
             all_reduce_mean_(self.grads + self.statistics)
-        grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(self.grads))) / self.loss_scale
-        finite = self._finite(grad_norm)
-        if finite:
-            self.update(grad_norm, self.lr.fill_(lr))
-        else:
-            torch._foreach_copy_(self.buffers, self.saved_buffers)
-            torch._foreach_zero_(self.grads)
-        if self.scaling:
-            self.good_steps = self.good_steps + 1 if finite else 0
-            if not finite or self.good_steps == 2000:
-                self.loss_scale.mul_(2.0 if finite else 0.5)
-                self.good_steps = 0
-        return float(loss) / len(micro_batches), float(grad_norm), finite
+        return self.update(loss / len(micro_batches), self.lr.fill_(lr)).clone()  # a replay overwrites its output
 
 
 # ----------------------------------------------------------------------------------------------

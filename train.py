@@ -13,7 +13,7 @@ turns that off). Several processes (torchrun) average gradients and BatchNorm st
 backward (NCCL on GPUs, gloo on CPU); rank 0 prints and saves.
 Re-running the same command resumes from <output-dir>/last.pt, mid-epoch included, also on another
 number of GPUs as long as the global batch (GPUs x --batch-size x --accum-steps) is the same.
-SIGTERM or Ctrl-C saves last.pt at the current step first. Every random choice is a function of
+SIGTERM or Ctrl-C saves last.pt first (at the current step; under torchrun within 10 steps). Every random choice is a function of
 (seed, rank, step) or (seed, epoch, position), so a resumed run follows exactly the path of an
 uninterrupted one (bit-identical on CPU with deterministic kernels).
 """
@@ -67,6 +67,10 @@ DEMO_DIR = os.path.join("data", "demo")
 RUN_KEYS = tuple(k for k in COMMON | RECIPES["t"] if k != "workers") + ("variant",)
 # An epoch's running sums: finite steps' losses, steps, images, seconds and seconds waiting for data
 EPOCH_SUMS = dict(loss=0.0, finite=0, steps=0, images=0, seconds=0.0, data_wait=0.0)
+# A step's loss, gradient norm and finite flag stay on the GPU; reading them waits for it, so they are
+# read every READ_EVERY steps (and at an epoch's end): the host queues steps ahead of the GPU meanwhile.
+# Timed saves and, on several processes, signals are checked then too.
+READ_EVERY = 10
 
 
 class UsageError(Exception):
@@ -287,7 +291,8 @@ def check_replicas_in_sync(module, what):
 
 class StopSignal:
     """SIGTERM (what SLURM and Kubernetes send before a kill) and SIGINT (Ctrl-C) only set a flag:
-    the loop saves last.pt at the end of the current step and exits with 128 + the signal number."""
+    the loop saves last.pt after the current step (several processes: at the next reading of the
+    steps' results, every READ_EVERY steps, where they agree) and exits with 128 + the signal number."""
 
     def __init__(self):
         self.signum = 0
@@ -618,7 +623,7 @@ def train(args, checkpoint, rank, world, device, stop):
         # k steps into the epoch, the first k x global batch positions are used, on any world size
         sampler.set_position(state["epoch_step"] * args.batch_size * args.accum_steps)
         model.train()
-        t0, batches = time.time(), iter(train_loader)
+        t0, batches, pending, loss = time.time(), iter(train_loader), [], float("nan")
         with tqdm(total=spe, initial=state["epoch_step"], desc=f"epoch {epoch}", disable=not master,
                   dynamic_ncols=True) as bar:
             for k in range(state["epoch_step"], spe):
@@ -626,16 +631,20 @@ def train(args, checkpoint, rank, world, device, stop):
                     break
                 lr = lr_at(epoch + k / spe, args)
                 micro_batches, wait = next_micro_batches(batches, args, rank, state["step"], device)
-                loss, grad_norm, finite = train_step(micro_batches, lr, use_mesa)
-                if args.step_log:
-                    write_step_log(args, state["step"], lr, loss, grad_norm, wait, device, master)
-                state = count_step(state, args, epoch, k, loss, finite, wait, time.time() - t0, log)
-                t0, sums = time.time(), state["sums"]
+                result = train_step(micro_batches, lr, use_mesa)  # (loss, grad norm, finite), still on the GPU
+                pending.append(dict(step=state["step"], lr=lr, wait=wait, time=time.time(), result=result))
+                state = count_step(state, args, epoch, k, wait, time.time() - t0)
+                t0 = time.time()
                 bar.update(1)
+                signalled = world == 1 and stop.signum  # many ranks agree on a signal at a reading
+                if state["step"] % READ_EVERY and k < spe - 1 and state["step"] != args.max_steps and not signalled:
+                    continue
+                state, loss = read_results(state, pending, args, device, master, log)
+                pending, sums = [], state["sums"]
                 bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", img_s=f"{sums['images'] / sums['seconds']:.0f}",
                                 data_ms=f"{1000 * sums['data_wait'] / sums['steps']:.1f}")  # mean wait a step
                 signum = stop.agreed(device)
-                if signum or (state["step"] % 20 == 0 and due(last_save, args, device)):
+                if signum or (state["step"] % (2 * READ_EVERY) == 0 and due(last_save, args, device)):
                     last_save = save("last.pt")
                     if signum:
                         log(f"\nstopped by signal {signum} at step {state['step']}: saved last.pt; run the same "
@@ -667,22 +676,33 @@ def train(args, checkpoint, rank, world, device, stop):
     log(f"done: best top-1 {state['best_top1']:.2f}; checkpoints in {args.output_dir}")
 
 
-def count_step(state, args, epoch, k, loss, finite, wait, seconds, log):
-    """The run's counters after step k of the epoch (a new state): a non-finite step is counted
-    and warned about, and too many in a row stop the run."""
-    bad_steps = 0 if finite else state["bad_steps"] + 1
-    if not finite and args.amp != "fp16":  # fp16's loss scale skips overflows by design
-        log(f"warning: non-finite loss or gradient at step {state['step']} (loss {loss}): step skipped, the "
-            f"network unchanged ({bad_steps} in a row)")
-    if bad_steps >= args.max_bad_steps:
-        raise TrainingError(f"{bad_steps} non-finite steps in a row at step {state['step']}: lower --lr, use "
-                            f"--amp bf16, or resume from an earlier checkpoint")
+def count_step(state, args, epoch, k, wait, seconds):
+    """The run's counters after step k of the epoch (a new state); its loss comes in read_results."""
     images, sums = args.accum_steps * args.batch_size * args.world_size, state["sums"]
-    sums = dict(loss=sums["loss"] + (loss if finite else 0.0), finite=sums["finite"] + finite,
-                steps=sums["steps"] + 1, images=sums["images"] + images, seconds=sums["seconds"] + seconds,
-                data_wait=sums["data_wait"] + wait)
+    sums = sums | dict(steps=sums["steps"] + 1, images=sums["images"] + images, seconds=sums["seconds"] + seconds,
+                       data_wait=sums["data_wait"] + wait)
     return state | dict(epoch=epoch, epoch_step=k + 1, step=state["step"] + 1, images=state["images"] + images,
-                        bad_steps=bad_steps, sums=sums)
+                        sums=sums)
+
+
+def read_results(state, pending, args, device, master, log):
+    """Read the pending steps' (loss, grad norm, finite) from the GPU, one wait for all of them, and
+    count them: a non-finite step is warned about, too many in a row stop the run. Returns the new
+    state and the last step's loss; with --step-log, writes their lines."""
+    values = torch.stack([p["result"] for p in pending]).tolist()
+    bad_steps, sums = state["bad_steps"], state["sums"]
+    for p, (loss, _, finite) in zip(pending, values):
+        bad_steps = 0 if finite else bad_steps + 1
+        if not finite and args.amp != "fp16":  # fp16's loss scale skips overflows by design
+            log(f"warning: non-finite loss or gradient at step {p['step']} (loss {loss}): step skipped, the "
+                f"network unchanged ({bad_steps} in a row)")
+        if bad_steps >= args.max_bad_steps:
+            raise TrainingError(f"{bad_steps} non-finite steps in a row at step {p['step']}: lower --lr, use "
+                                f"--amp bf16, or resume from an earlier checkpoint")
+        sums = sums | dict(loss=sums["loss"] + (loss if finite else 0.0), finite=sums["finite"] + int(finite))
+    if args.step_log:
+        write_step_log(args, pending, values, device, master)
+    return state | dict(bad_steps=bad_steps, sums=sums), values[-1][0]
 
 
 def epoch_metrics(state, args, epoch, spe, top1, top5, ema_top1, ema_top5, device, bad_images):
@@ -762,18 +782,19 @@ def write_text_atomic(path, text):
                             f"then run the same command to resume") from None
 
 
-def write_step_log(args, step, lr, loss, grad_norm, data_wait, device, master):
-    """One line of <output-dir>/steps.jsonl: the step's loss and data wait averaged over the ranks
+def write_step_log(args, pending, values, device, master):
+    """Lines of <output-dir>/steps.jsonl, one a step: its loss and data wait averaged over the ranks
     (so 1, 2 or 4 processes at the same global batch log comparable numbers), lr, gradient norm,
-    and the wall-clock time (differences: seconds a step)."""
-    loss_sum, wait_sum = all_reduce_sum([loss, data_wait], device)
+    and the wall-clock time at which the step was queued (differences: seconds a step)."""
+    sums = all_reduce_sum([x for p, v in zip(pending, values) for x in (v[0], p["wait"])], device)
     if master:
-        line = dict(step=step, lr=lr, loss=loss_sum / args.world_size, grad_norm=grad_norm,
-                    data_wait_ms=1000 * wait_sum / args.world_size, time=time.time())  # time: step ends
+        lines = [dict(step=p["step"], lr=p["lr"], loss=loss_sum / args.world_size, grad_norm=v[1],
+                      data_wait_ms=1000 * wait_sum / args.world_size, time=p["time"])
+                 for p, v, loss_sum, wait_sum in zip(pending, values, sums[0::2], sums[1::2])]
         path = os.path.join(args.output_dir, "steps.jsonl")
         try:
             with open(path, "a") as f:
-                f.write(json.dumps(line) + "\n")
+                f.write("".join(json.dumps(line) + "\n" for line in lines))
         except OSError as e:  # one line, exit 1, as for the other files
             raise TrainingError(f"cannot write {path} ({e.strerror or e}); the last checkpoint is intact: free "
                                 f"space, then run the same command to resume") from None
