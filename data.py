@@ -3,8 +3,11 @@
 Everything here is written with Pillow and torch only (no torchvision), following the official
 recipe (timm's ImageNet pipeline): RandomResizedCrop, flip, RandAugment rand-m9-mstd0.5-inc1,
 random erasing 0.25, mixup 0.8 / cutmix 1.0 with label smoothing 0.1, and for evaluation the
-shorter side resized to floor(S / crop_pct) then the central S x S crop. `python bench.py loader`
-times decoding + augmentation; synthetic.py writes image folders to try it on. Glossary:
+shorter side resized to floor(S / crop_pct) then the central S x S crop. The training transform
+draws each sample's random parameters apart from applying them (`TrainTransform.draw`, `Params`),
+so that gpu_augment.py can apply the same draws to a whole batch on the GPU; the Pillow code here
+is its reference. `python bench.py loader` times decoding + augmentation; synthetic.py writes
+image folders to try it on. Glossary:
     S          output image side (--img-size)
     crop_pct   eval resize factor: the shorter side goes to floor(S / crop_pct) before the S crop
     rng        a `random.Random` owned by one sample, so its augmentation does not depend on which
@@ -15,7 +18,7 @@ import os
 import random
 import signal
 import sys
-from collections import deque
+from collections import deque, namedtuple
 from fractions import Fraction
 
 import numpy as np
@@ -165,7 +168,7 @@ class ImageFolder(torch.utils.data.Dataset):
     `dataset[i]` -> (image tensor, label). The key may also be `(i, seed)`, as `EpochSampler`
     yields: then the transform is called as `transform(img, random.Random(seed))`, so that the
     sample's augmentation is fixed by the seed alone; a transform with `draft` set (TrainTransform)
-    decodes the file itself, as `transform.finish(*transform.load(path, rng), rng)`.
+    decodes the file itself, as `transform.finish(*transform.load(path, rng))`.
 
     An unreadable image (corrupt, truncated, not an image, refused by `load_rgb`) is reported on
     stderr with its path and replaced by the next readable sample in the list. Distinct bad files
@@ -203,7 +206,7 @@ class ImageFolder(torch.utils.data.Dataset):
             rng = random.Random(seed)
             try:
                 if drafting:  # decode only as much of a JPEG as the random crop needs
-                    img, box = self.transform.load(path, rng)
+                    img, params = self.transform.load(path, rng)
                 else:
                     img = load_rgb(path)
                 break
@@ -212,7 +215,7 @@ class ImageFolder(torch.utils.data.Dataset):
         if self.transform is None:
             return to_tensor(img), label
         if drafting:
-            return self.transform.finish(img, box, rng), label
+            return self.transform.finish(img, params), label
         if seed is None:
             return self.transform(img), label
         return self.transform(img, rng), label
@@ -294,14 +297,24 @@ def eval_transform(img_size, crop_pct, crop_mode="center"):
 
 # ----------------------------------------------------------------------------------------------
 # Training transforms: RandomResizedCrop, flip, RandAugment, normalise, random erasing
+#
+# Drawing a sample's random parameters (`TrainTransform.draw`) is kept apart from applying them:
+# the Pillow code below applies them on the CPU and is the reference; gpu_augment.augment applies
+# the same parameters to a whole batch on the GPU.
 
-RANDOM_INTERPOLATIONS = (Image.BILINEAR, Image.BICUBIC)
+RANDOM_INTERPOLATIONS = (Image.BILINEAR, Image.BICUBIC)  # parameter value 0, 1
 
-
-def random_resized_crop(img, size, rng, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
-    """A random box (`random_crop_box`) resized to size x size with bilinear or bicubic picked at random."""
-    box = random_crop_box(*img.size, rng, scale, ratio)
-    return img.resize((size, size), rng.choice(RANDOM_INTERPOLATIONS), box=box)
+# One sample's random parameters, in this order (TrainTransform.draw returns them as a float64 tensor):
+#   left, top, right, bottom        RandomResizedCrop's box, in the pixels of the image it is applied to
+#   interpolation                   of the crop's resize: index into RANDOM_INTERPOLATIONS
+#   flip                            1: flip left-right after the resize, 0: not
+#   op1, level1, sign1, interp1     RandAugment's first slot: op index into RANDAUGMENT_OPS, -1 = skipped;
+#                                   level = magnitude / 10 in [0, 1]; sign +-1 (used by signed ops);
+#                                   interpolation index (used by geometric ops)
+#   op2, level2, sign2, interp2     its second slot, applied after the first
+#   erase_top .. erase_width        random erasing's box on the S x S output (`erase_box`), zeros: none
+Params = namedtuple("Params", "left top right bottom interpolation flip op1 level1 sign1 interp1 "
+                              "op2 level2 sign2 interp2 erase_top erase_left erase_height erase_width")
 
 
 def random_crop_box(w, h, rng, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
@@ -334,13 +347,8 @@ MAX_MAGNITUDE = 10.0
 FILL = tuple(round(255 * m) for m in IMAGENET_MEAN)
 
 
-def _signed(v, rng):
-    return -v if rng.random() < 0.5 else v
-
-
-def _affine(img, coeffs, rng):
-    return img.transform(img.size, Image.AFFINE, coeffs, resample=rng.choice(RANDOM_INTERPOLATIONS),
-                         fillcolor=FILL)
+def _affine(img, coeffs, interpolation):
+    return img.transform(img.size, Image.AFFINE, coeffs, resample=interpolation, fillcolor=FILL)
 
 
 def _posterize(img, bits):
@@ -355,34 +363,45 @@ def _solarize_add(img, add, threshold=128):
     return img.point(lut * 3)
 
 
-RANDAUGMENT_OPS = {  # name -> f(img, level in [0, 1], rng)
-    "AutoContrast": lambda img, v, rng: ImageOps.autocontrast(img),
-    "Equalize": lambda img, v, rng: ImageOps.equalize(img),
-    "Invert": lambda img, v, rng: ImageOps.invert(img),
-    "Rotate": lambda img, v, rng: img.rotate(_signed(30 * v, rng),
-                                             resample=rng.choice(RANDOM_INTERPOLATIONS), fillcolor=FILL),
-    "PosterizeIncreasing": lambda img, v, rng: _posterize(img, 4 - int(4 * v)),
-    "SolarizeIncreasing": lambda img, v, rng: ImageOps.solarize(img, 256 - int(256 * v)),
-    "SolarizeAdd": lambda img, v, rng: _solarize_add(img, int(110 * v)),
-    "ColorIncreasing": lambda img, v, rng: ImageEnhance.Color(img).enhance(1 + _signed(0.9 * v, rng)),
-    "ContrastIncreasing": lambda img, v, rng: ImageEnhance.Contrast(img).enhance(1 + _signed(0.9 * v, rng)),
-    "BrightnessIncreasing": lambda img, v, rng: ImageEnhance.Brightness(img).enhance(1 + _signed(0.9 * v, rng)),
-    "SharpnessIncreasing": lambda img, v, rng: ImageEnhance.Sharpness(img).enhance(1 + _signed(0.9 * v, rng)),
-    "ShearX": lambda img, v, rng: _affine(img, (1, _signed(0.3 * v, rng), 0, 0, 1, 0), rng),
-    "ShearY": lambda img, v, rng: _affine(img, (1, 0, 0, _signed(0.3 * v, rng), 1, 0), rng),
-    "TranslateXRel": lambda img, v, rng: _affine(img, (1, 0, _signed(0.45 * v, rng) * img.size[0], 0, 1, 0), rng),
-    "TranslateYRel": lambda img, v, rng: _affine(img, (1, 0, 0, 0, 1, _signed(0.45 * v, rng) * img.size[1]), rng),
+RANDAUGMENT_OPS = {  # name -> f(img, level v in [0, 1], sign s = +-1, Pillow interpolation)
+    "AutoContrast": lambda img, v, s, i: ImageOps.autocontrast(img),
+    "Equalize": lambda img, v, s, i: ImageOps.equalize(img),
+    "Invert": lambda img, v, s, i: ImageOps.invert(img),
+    "Rotate": lambda img, v, s, i: img.rotate(s * 30 * v, resample=i, fillcolor=FILL),
+    "PosterizeIncreasing": lambda img, v, s, i: _posterize(img, 4 - int(4 * v)),
+    "SolarizeIncreasing": lambda img, v, s, i: ImageOps.solarize(img, 256 - int(256 * v)),
+    "SolarizeAdd": lambda img, v, s, i: _solarize_add(img, int(110 * v)),
+    "ColorIncreasing": lambda img, v, s, i: ImageEnhance.Color(img).enhance(1 + s * 0.9 * v),
+    "ContrastIncreasing": lambda img, v, s, i: ImageEnhance.Contrast(img).enhance(1 + s * 0.9 * v),
+    "BrightnessIncreasing": lambda img, v, s, i: ImageEnhance.Brightness(img).enhance(1 + s * 0.9 * v),
+    "SharpnessIncreasing": lambda img, v, s, i: ImageEnhance.Sharpness(img).enhance(1 + s * 0.9 * v),
+    "ShearX": lambda img, v, s, i: _affine(img, (1, s * 0.3 * v, 0, 0, 1, 0), i),
+    "ShearY": lambda img, v, s, i: _affine(img, (1, 0, 0, s * 0.3 * v, 1, 0), i),
+    "TranslateXRel": lambda img, v, s, i: _affine(img, (1, 0, s * 0.45 * v * img.size[0], 0, 1, 0), i),
+    "TranslateYRel": lambda img, v, s, i: _affine(img, (1, 0, 0, 0, 1, s * 0.45 * v * img.size[1]), i),
 }
 
 
-def rand_augment(img, rng, num_ops=2, magnitude=9.0, magnitude_std=0.5, prob=0.5):
-    """Apply `num_ops` random ops of RANDAUGMENT_OPS (see the policy comment above)."""
-    names = list(RANDAUGMENT_OPS)
-    for name in [rng.choice(names) for _ in range(num_ops)]:
-        if rng.random() > prob:
-            continue
-        m = min(max(rng.gauss(magnitude, magnitude_std), 0.0), MAX_MAGNITUDE)
-        img = RANDAUGMENT_OPS[name](img, m / MAX_MAGNITUDE, rng)
+def draw_rand_augment(rng, num_ops=2, magnitude=9.0, magnitude_std=0.5, prob=0.5):
+    """RandAugment's random choices (see the policy comment above): [(op, level, sign, interpolation)]
+    per slot, op an index into RANDAUGMENT_OPS or -1 where the slot's probability test skips it.
+    All four are drawn for every slot, used or not, so every sample takes the same draws."""
+    slots = []
+    for _ in range(num_ops):
+        op = rng.randrange(len(RANDAUGMENT_OPS))
+        skip = rng.random() > prob
+        level = min(max(rng.gauss(magnitude, magnitude_std), 0.0), MAX_MAGNITUDE) / MAX_MAGNITUDE
+        sign = -1.0 if rng.random() < 0.5 else 1.0
+        slots.append((-1 if skip else op, level, sign, rng.randrange(len(RANDOM_INTERPOLATIONS))))
+    return slots
+
+
+def apply_rand_augment(img, slots):
+    """Apply the slots of `draw_rand_augment` in order (op -1: nothing)."""
+    ops = list(RANDAUGMENT_OPS.values())
+    for op, level, sign, interpolation in slots:
+        if op >= 0:
+            img = ops[int(op)](img, level, sign, RANDOM_INTERPOLATIONS[int(interpolation)])
     return img
 
 
@@ -425,6 +444,9 @@ class TrainTransform:
     """The official training pipeline: PIL image, rng -> (uint8 tensor (3, S, S), erase box (4,)).
     The loader ships uint8 pictures and boxes; normalize_and_erase finishes the batch on the GPU.
 
+    `draw` draws everything random about a sample (`Params`), `apply` applies it with Pillow;
+    `__call__` is the two in turn. gpu_augment.augment applies the same parameters to a batch.
+
     With `draft` (the default), `ImageFolder` calls `load(path, rng)` and then `finish`, so that a
     JPEG is decoded at a reduced scale when its crop box is large enough (`load_rgb_for_crop`).
     The crop box is drawn on the full image size either way, so the crops' distribution is unchanged.
@@ -439,22 +461,44 @@ class TrainTransform:
     def __init__(self, img_size, randaugment=True, erase_prob=0.25, draft=True):
         self.img_size, self.randaugment, self.erase_prob, self.draft = img_size, randaugment, erase_prob, draft
 
+    def draw(self, w, h, rng):
+        """One sample's random parameters for a w x h image, from rng: a float64 tensor (18,) laid out as `Params`."""
+        box = random_crop_box(w, h, rng)
+        interpolation, flip = rng.randrange(len(RANDOM_INTERPOLATIONS)), float(rng.random() < 0.5)
+        slots = draw_rand_augment(rng) if self.randaugment else [(-1, 0.0, 1.0, 0)] * 2
+        erase = erase_box(self.img_size, self.img_size, rng, self.erase_prob) if self.erase_prob > 0 else (0, 0, 0, 0)
+        return torch.tensor([*box, interpolation, flip, *slots[0], *slots[1], *erase], dtype=torch.float64)
+
+    def apply(self, img, params):
+        """The parameters `draw` chose, applied with Pillow: the crop box resized to S x S, the flip,
+        RandAugment's two slots. -> PIL image (erasing is left to normalize_and_erase)."""
+        p = Params(*params.tolist())
+        img = img.resize((self.img_size, self.img_size), RANDOM_INTERPOLATIONS[int(p.interpolation)],
+                         box=(p.left, p.top, p.right, p.bottom))
+        if p.flip:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        return apply_rand_augment(img, [(p.op1, p.level1, p.sign1, p.interp1), (p.op2, p.level2, p.sign2, p.interp2)])
+
     def __call__(self, img, rng=random):
-        return self.finish(img, random_crop_box(*img.size, rng), rng)
+        return self.finish(img, self.draw(*img.size, rng))
 
     def load(self, path, rng):
-        """Decode `path` for its random crop: (RGB image, crop box in its pixels)."""
-        return load_rgb_for_crop(path, lambda w, h: random_crop_box(w, h, rng), self.img_size)
+        """Decode `path` for its random parameters: (RGB image, params (18,) with the crop box in the
+        decoded image's pixels). The parameters are drawn on the full size (the file's header)."""
+        drawn = []
 
-    def finish(self, img, box, rng):
-        """Crop `box` resized to S x S, then flip, RandAugment; draw the random erasing box."""
-        img = img.resize((self.img_size, self.img_size), rng.choice(RANDOM_INTERPOLATIONS), box=box)
-        if rng.random() < 0.5:
-            img = img.transpose(Image.FLIP_LEFT_RIGHT)
-        if self.randaugment:
-            img = rand_augment(img, rng)
-        erase = erase_box(self.img_size, self.img_size, rng, self.erase_prob) if self.erase_prob > 0 else (0, 0, 0, 0)
-        return to_uint8_tensor(img), torch.tensor(erase)
+        def pick_box(w, h):
+            drawn.append(self.draw(w, h, rng))
+            return tuple(drawn[0][:4].tolist())
+
+        img, box = load_rgb_for_crop(path, pick_box, self.img_size)
+        params = drawn[0].clone()
+        params[:4] = torch.tensor(box, dtype=torch.float64)
+        return img, params
+
+    def finish(self, img, params):
+        """`apply`, as a uint8 tensor (3, S, S), and the erase box (4,) of the parameters."""
+        return to_uint8_tensor(self.apply(img, params)), params[-4:].long()
 
 
 # ----------------------------------------------------------------------------------------------

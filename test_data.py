@@ -243,11 +243,14 @@ def test_train_transform_shape_range_and_determinism():
     assert 8 < sum(b[2] > 0 for b in boxes) < 32  # about half of them erase
 
 
-def test_random_resized_crop_full_box_is_a_plain_resize():
+def test_train_transform_apply_full_box_is_a_plain_resize():
     img = random_image(50, 50, seed=4)
-    out = data.random_resized_crop(img, 32, random.Random(0), scale=(1, 1), ratio=(1, 1))
-    ref = [img.resize((32, 32), interp) for interp in data.RANDOM_INTERPOLATIONS]
-    assert any(np.array_equal(np.asarray(out), np.asarray(r)) for r in ref)
+    t = data.TrainTransform(32, randaugment=False, erase_prob=0.0)
+    for interp in (0, 1):
+        params = t.draw(50, 50, random.Random(0))
+        params[:6] = torch.tensor([0, 0, 50, 50, interp, 0])  # the whole image, no flip
+        ref = img.resize((32, 32), data.RANDOM_INTERPOLATIONS[interp])
+        assert np.array_equal(np.asarray(t.apply(img, params)), np.asarray(ref))
 
 
 def test_randaugment_ops_identity_at_zero_and_increasing():
@@ -257,7 +260,7 @@ def test_randaugment_ops_identity_at_zero_and_increasing():
     img = Image.fromarray(smooth.astype(np.uint8))  # mostly smooth: a larger shift moves pixels further
     base = np.asarray(img, dtype=np.float64)
     for name, op in data.RANDAUGMENT_OPS.items():
-        outs = [np.asarray(op(img, v, random.Random(0)), dtype=np.float64) for v in (0.0, 0.5, 1.0)]
+        outs = [np.asarray(op(img, v, 1.0, Image.BILINEAR), dtype=np.float64) for v in (0.0, 0.5, 1.0)]
         assert all(o.shape == base.shape for o in outs), name
         if name in ("AutoContrast", "Equalize", "Invert"):
             continue  # no magnitude
@@ -269,8 +272,8 @@ def test_randaugment_ops_identity_at_zero_and_increasing():
 
 def test_rand_augment_magnitude_and_determinism():
     img = random_image(40, 40, seed=6)
-    a = data.rand_augment(img, random.Random(3))
-    b = data.rand_augment(img, random.Random(3))
+    a = data.apply_rand_augment(img, data.draw_rand_augment(random.Random(3)))
+    b = data.apply_rand_augment(img, data.draw_rand_augment(random.Random(3)))
     assert np.array_equal(np.asarray(a), np.asarray(b))
     assert a.size == img.size and a.mode == "RGB"
 
