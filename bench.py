@@ -1,10 +1,12 @@
 """Benchmark harnesses, one subcommand each:
     python bench.py loader [--workers 1 8 16] [--imagenet-sizes] ...   decode + augment images/s (CPU)
+    python bench.py stages [--imagenet-sizes] ...                      where one image's CPU time goes
     python bench.py scan [--kernels-only]                              the selective-scan kernels (GPU)
     python train.py --benchmark [train.py's flags]                     the whole training step (GPU)
 `python bench.py SUBCOMMAND --help` lists each one's options.
 """
 import argparse
+import io
 import os
 import random
 import statistics
@@ -19,7 +21,8 @@ from PIL import Image
 
 import data
 import scan
-from data import EpochSampler, ImageFolder, TrainTransform, load_rgb, make_loader
+from data import (RANDOM_INTERPOLATIONS, EpochSampler, ImageFolder, Params, TrainTransform, apply_rand_augment,
+                  load_rgb, make_loader, to_uint8_tensor)
 from model import build_model
 from step import ModelEma, TrainStep
 from synthetic import IMAGENET_SIZES, make_photo_dataset
@@ -44,6 +47,8 @@ def add_loader_args(p):
     p.add_argument("--repeat", type=int, default=3, help="one-process passes per setting; fastest and median shown")
     p.add_argument("--draft", type=int, nargs="+", choices=(0, 1), default=[0, 1],
                    help="JPEG draft mode settings to time (0 off, 1 on)")
+    p.add_argument("--gpu", action="store_true", help="also time the GPU data path (nvJPEG decode + gpu_augment; "
+                   "needs a CUDA GPU)")
 
 
 def time_pass(fn):
@@ -113,6 +118,142 @@ def loader_bench(args):
                 print(f"draft {'on ' if draft else 'off'}: DataLoader, {workers} worker(s): {rate:.0f} "
                       f"images/s, {rate / workers:.0f} per worker")
                 del loader
+        if args.gpu:
+            gpu_loader_bench(args, sets[args.draft[0]])
+
+
+class FileBytes(torch.utils.data.Dataset):
+    """The GPU data path's worker side, for timing: a sample's file bytes and its random parameters
+    (drawn on the size read from the header, `TrainTransform.draw`); no decoding in the worker."""
+
+    def __init__(self, folder, transform):
+        self.folder, self.transform = folder, transform
+
+    def __len__(self):
+        return len(self.folder)
+
+    def __getitem__(self, key):
+        index, seed = key
+        path, label = self.folder.samples[index]
+        with open(path, "rb") as f:
+            raw = f.read()
+        with Image.open(io.BytesIO(raw)) as img:
+            w, h = img.size
+        return torch.frombuffer(bytearray(raw), dtype=torch.uint8), self.transform.draw(w, h, random.Random(seed)), label
+
+
+def collate_files(samples):
+    """[(bytes, params, label)] -> ([bytes], params (B, 18), labels (B,)): the files keep their sizes."""
+    datas, params, labels = zip(*samples)
+    return list(datas), torch.stack(params), torch.tensor(labels)
+
+
+def gpu_loader_bench(args, ds):
+    """Images/s of the GPU data path: workers read files and draw parameters, the main process
+    decodes them with nvJPEG (jpeg.py; Pillow for the files it refuses) and augments the batch on
+    the GPU (gpu_augment.py); with the host and GPU milliseconds each part takes per batch."""
+    import gpu_augment
+    import jpeg
+    if not torch.cuda.is_available() or not jpeg.available():
+        return print("GPU data path: not timed (needs a CUDA GPU and nvJPEG)")
+    files = FileBytes(ds, TrainTransform(args.img_size, bool(args.randaugment), 0.25))
+    print(f"GPU data path: nvJPEG {'with' if jpeg.uses_engines() else 'without'} the hardware JPEG engines")
+    for workers in args.workers:
+        sampler = EpochSampler(len(files), shuffle=True, seed=0, batch_size=args.batch_size)
+        loader = torch.utils.data.DataLoader(files, batch_size=args.batch_size, sampler=sampler, num_workers=workers,
+                                             collate_fn=collate_files, drop_last=True, persistent_workers=True,
+                                             prefetch_factor=4)
+        for epoch in range(2):  # the first epoch starts the workers and builds the decoder; the second is timed
+            n, t0, parts = 0, None, dict(wait=0.0, decode=0.0, augment=0.0, augment_gpu=0.0)
+            t_next = time.perf_counter()
+            for k, (datas, params, labels) in enumerate(loader):
+                t1 = time.perf_counter()
+                images = jpeg.decode(datas, "cuda")
+                images = [im if im is not None else jpeg.decode_with_pillow(d).cuda() for im, d in zip(images, datas)]
+                t2 = time.perf_counter()
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                gpu_augment.augment(images, params.cuda(), args.img_size)
+                end.record()
+                t3 = time.perf_counter()
+                end.synchronize()
+                if t0 is not None:
+                    n += len(datas)
+                    parts["wait"] += t1 - t_next
+                    parts["decode"] += t2 - t1
+                    parts["augment"] += t3 - t2
+                    parts["augment_gpu"] += start.elapsed_time(end) / 1e3
+                if k == workers - 1:  # every worker's first batch is in: the steady state starts
+                    t0 = time.perf_counter()
+                t_next = time.perf_counter()
+        rate, batches = n / (time.perf_counter() - t0), n / args.batch_size
+        print(f"GPU data path: DataLoader, {workers} worker(s): {rate:.0f} images/s; per batch of {args.batch_size}: "
+              + ", ".join(f"{name.replace('_', ' ')} {1e3 * s / batches:.1f} ms" for name, s in parts.items()))
+        del loader
+
+
+# ----------------------------------------------------------------------------------------------
+# python bench.py stages: one training image's CPU time, stage by stage, in one process
+
+def stages_bench(args):
+    """The training transform's stages timed one by one over the same files (one process, one torch
+    thread): read the file's bytes, decode (Pillow's draft mode as the loader does, or in full),
+    crop + resize, flip, RandAugment, uint8 tensor; then per image the batch's collate
+    (torch.stack) and, on a GPU host, pinning and the copy to the GPU."""
+    sizes = IMAGENET_SIZES if args.imagenet_sizes else (tuple(args.size),)
+    S = args.img_size
+    with tempfile.TemporaryDirectory() as tmp:
+        root = os.path.join(make_photo_dataset(tmp, args.images, 0, classes=1, sizes=sizes,
+                                               quality=args.quality), "train")
+        paths = [path for path, _ in ImageFolder(root).samples]
+        torch.set_num_threads(1)
+        seconds = dict.fromkeys(("read", "draw parameters + decode (draft)", "crop + resize", "flip", "RandAugment",
+                                 "uint8 tensor", "collate", "pin + copy to GPU", "decode in full"), 0.0)
+        pictures = []
+        transform = TrainTransform(S)
+        for i, path in enumerate(paths):
+            rng = random.Random(i)
+            t0 = time.perf_counter()
+            with open(path, "rb") as f:
+                raw = f.read()
+            t1 = time.perf_counter()
+            img, params = transform.load(io.BytesIO(raw), rng)  # draws the parameters, decodes for the crop
+            p = Params(*params.tolist())
+            t2 = time.perf_counter()
+            img = img.resize((S, S), RANDOM_INTERPOLATIONS[int(p.interpolation)], box=(p.left, p.top, p.right, p.bottom))
+            t3 = time.perf_counter()
+            if p.flip:
+                img = img.transpose(Image.FLIP_LEFT_RIGHT)
+            t4 = time.perf_counter()
+            img = apply_rand_augment(img, [(p.op1, p.level1, p.sign1, p.interp1), (p.op2, p.level2, p.sign2, p.interp2)])
+            t5 = time.perf_counter()
+            pictures.append(to_uint8_tensor(img))
+            t6 = time.perf_counter()
+            load_rgb(io.BytesIO(raw))
+            t7 = time.perf_counter()
+            for name, dt in zip(seconds, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5)):
+                seconds[name] += dt
+            seconds["decode in full"] += t7 - t6
+        batches = [pictures[k:k + args.batch_size] for k in range(0, len(pictures) - args.batch_size + 1, args.batch_size)]
+        for batch in batches:
+            t0 = time.perf_counter()
+            x = torch.stack(batch)
+            t1 = time.perf_counter()
+            seconds["collate"] += (t1 - t0) * len(paths) / (len(batches) * len(batch))
+            if torch.cuda.is_available():
+                x.pin_memory().cuda(non_blocking=True)
+                torch.cuda.synchronize()
+                seconds["pin + copy to GPU"] += (time.perf_counter() - t1) * len(paths) / (len(batches) * len(batch))
+        kb = np.mean([os.path.getsize(path) for path in paths]) / 1e3
+        shape = "ImageNet's mix of sizes" if args.imagenet_sizes else f"{args.size[0]} x {args.size[1]} px"
+        print(f"{len(paths)} JPEGs of {shape}, quality {args.quality}, {kb:.0f} KB on average, to {S} px; "
+              f"one process, one torch thread")
+        total = sum(dt for name, dt in seconds.items() if name != "decode in full")
+        print("| stage | ms an image | share of the loader's work |\n|---|---|---|")
+        for name, dt in seconds.items():
+            share = "(instead of the draft decode)" if name == "decode in full" else f"{100 * dt / total:.0f}%"
+            print(f"| {name} | {1e3 * dt / len(paths):.2f} | {share} |")
+        print(f"| all but 'decode in full' | {1e3 * total / len(paths):.2f} | {len(paths) / total:.0f} images/s a core |")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -317,6 +458,14 @@ def main(argv=None):
     loader = commands.add_parser("loader", help="decode + augment images/s on photo-like JPEGs, with and "
                                  "without Pillow's JPEG draft mode")
     add_loader_args(loader)
+    stages = commands.add_parser("stages", help="where one training image's CPU time goes, stage by stage")
+    stages.add_argument("--images", type=int, default=500, help="JPEG files to write and time")
+    shape = stages.add_mutually_exclusive_group()
+    shape.add_argument("--size", type=int, nargs=2, default=[500, 375], metavar=("W", "H"), help="JPEG width and height")
+    shape.add_argument("--imagenet-sizes", action="store_true", help="instead, ImageNet's mix of sizes")
+    stages.add_argument("--quality", type=int, default=90, help="JPEG quality")
+    stages.add_argument("--img-size", type=int, default=224, help="training image side")
+    stages.add_argument("--batch-size", type=int, default=128, help="batch size for collate and transfer")
     add_scan_args(commands.add_parser("scan", help="time the CUDA selective-scan kernels against the "
                                       "reference at MambaVision's shapes (needs a GPU)"))
     args = p.parse_args(argv)
@@ -324,6 +473,10 @@ def main(argv=None):
         if min(args.workers) < 1 or args.images < (max(args.workers) + 2) * args.batch_size:
             loader.error("--workers must be >= 1 and --images at least (max --workers + 2) x --batch-size")
         loader_bench(args)
+    elif args.command == "stages":
+        if args.images < args.batch_size:
+            stages.error("--images must be at least --batch-size")
+        stages_bench(args)
     elif args.command == "scan":
         scan_bench(reference=not args.kernels_only)
 
