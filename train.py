@@ -623,7 +623,7 @@ def train(args, checkpoint, rank, world, device, stop):
         # k steps into the epoch, the first k x global batch positions are used, on any world size
         sampler.set_position(state["epoch_step"] * args.batch_size * args.accum_steps)
         model.train()
-        t0, batches, pending, loss = time.time(), iter(train_loader), [], float("nan")
+        t0, batches, pending = time.time(), iter(train_loader), []
         with tqdm(total=spe, initial=state["epoch_step"], desc=f"epoch {epoch}", disable=not master,
                   dynamic_ncols=True) as bar:
             for k in range(state["epoch_step"], spe):
@@ -636,8 +636,9 @@ def train(args, checkpoint, rank, world, device, stop):
                 state = count_step(state, args, epoch, k, wait, time.time() - t0)
                 t0 = time.time()
                 bar.update(1)
-                signalled = world == 1 and stop.signum  # many ranks agree on a signal at a reading
-                if state["step"] % READ_EVERY and k < spe - 1 and state["step"] != args.max_steps and not signalled:
+                read_now = (state["step"] % READ_EVERY == 0 or k == spe - 1 or state["step"] == args.max_steps
+                            or (world == 1 and stop.signum))  # several ranks agree on a signal at a reading
+                if not read_now:
                     continue
                 state, loss = read_results(state, pending, args, device, master, log)
                 pending, sums = [], state["sums"]
