@@ -492,7 +492,7 @@ class TrainTransform:
             return tuple(drawn[0][:4].tolist())
 
         img, box = load_rgb_for_crop(path, pick_box, self.img_size)
-        params = drawn[0].clone()
+        params = drawn[0]
         params[:4] = torch.tensor(box, dtype=torch.float64)
         return img, params
 

@@ -21,8 +21,8 @@ each captured once as a CUDA graph (`CapturedCall`) and replayed: two launches a
 instead of ~1,500 kernels launched one by one from Python, which is what bounds an eager
 MambaVision step. The learning rate and the mixup choice enter the graphs as device tensors and
 the finite test is one, so one capture serves the whole schedule; the forward graph is captured
-again only when MESA switches on. Where compiling or capturing fails, one warning names the reason and the
-step goes on eagerly: the same function, with the same results up to rounding.
+again only when MESA switches on. Where compiling or capturing fails, one warning names the reason
+and the step goes on eagerly: the same function, with the same results up to rounding.
 """
 import copy
 import math
@@ -262,10 +262,11 @@ class TrainStep:
         return self._step(micro_batches, lr, use_mesa)
 
     def _step(self, micro_batches, lr, use_mesa):
-        torch._foreach_copy_(self.saved_buffers, self.buffers)  # so that a skipped step leaves no trace
+        torch._foreach_copy_(self.saved_buffers, self.buffers)  # a skipped step puts the statistics back
         if not self.fast:  # eager: the first backward stores fresh gradients, no adding into zeros
             for p in self.params:
                 p.grad = None
+            self.grads = []  # nor keeping the last step's alive beside them
         loss = 0.0
         for x, boxes, labels, mix, seed in micro_batches:
             torch.manual_seed(seed)  # erase noise and drop path draw from torch's generator
