@@ -20,7 +20,6 @@ CPU path (data.load_rgb) does, raising where that raises. Pixels differ from Pil
 import ctypes
 import io
 import os
-import sys
 import threading
 import warnings
 from pathlib import Path
@@ -62,30 +61,10 @@ def _nvjpeg_paths():
 
 
 def _build_extension():
-    """Compile jpeg_cuda.cu for the visible GPU's architecture only; return the loaded library."""
-    from torch.utils import cpp_extension
-
-    if cpp_extension.CUDA_HOME is None:
-        raise RuntimeError("no CUDA toolkit found (install nvcc or set CUDA_HOME)")
+    """Build jpeg_cuda.cu against nvJPEG (scan.jit_build); declare its functions."""
+    import scan
     includes, ldflags = _nvjpeg_paths()
-    major, minor = torch.cuda.get_device_capability()
-    arch = f"{major}{minor}"
-    name = f"mambavision_jpeg_sm{arch}"
-    cache = Path(os.environ.get("MAMBAVISION_CACHE") or Path.home() / ".cache" / "mambavision_jpeg") / name
-    cache.mkdir(parents=True, exist_ok=True)
-    if not (cache / f"{name}.so").exists():
-        print(f"MambaVision: building the nvJPEG decoder for sm_{arch} in {cache} (once, about 15 s)",
-              file=sys.stderr, flush=True)
-    path = cpp_extension.load(
-        name=name,
-        sources=[str(Path(__file__).with_name("jpeg_cuda.cu"))],
-        extra_cuda_cflags=["-O3", f"-gencode=arch=compute_{arch},code=sm_{arch}"],
-        extra_include_paths=includes,
-        extra_ldflags=ldflags,
-        build_directory=str(cache),
-        is_python_module=False,  # a plain shared library with an extern "C" interface, called by ctypes
-    )
-    lib = ctypes.CDLL(path)
+    lib = scan.jit_build("jpeg_cuda.cu", "the nvJPEG decoder", include_paths=includes, ldflags=ldflags)
     ptr, i32, ptrs = ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(ctypes.c_void_p)
     sizes, ints = ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(ctypes.c_int)
     lib.mv_jpeg_error_string.restype = ctypes.c_char_p

@@ -117,28 +117,37 @@ def _kernel_fits(u, A):
     return u.dtype in _KERNEL_DTYPES and A.shape[1] <= _KERNEL_MAX_STATE
 
 
-def _build_extension():
-    """Compile scan_cuda.cu for the visible GPU's architecture only; return the loaded library."""
+def jit_build(source, what, include_paths=(), ldflags=(), cflags=()):
+    """Compile `source` (a .cu file next to this one, with an extern "C" interface) for the visible
+    GPU's architecture only, once: cached in ~/.cache/mambavision/<name>_sm<arch> (or under
+    $MAMBAVISION_CACHE). Returns the library, loaded with ctypes. Used for the scan, jpeg.py's
+    decoder and gpu_augment.py's kernels; `what` names it in the one line printed before a build."""
     from torch.utils import cpp_extension
 
     if cpp_extension.CUDA_HOME is None:
         raise RuntimeError("no CUDA toolkit found (install nvcc or set CUDA_HOME)")
     major, minor = torch.cuda.get_device_capability()
     arch = f"{major}{minor}"
-    name = f"mambavision_scan_sm{arch}"
-    cache = Path(os.environ.get("MAMBAVISION_CACHE") or Path.home() / ".cache" / "mambavision_scan") / name
+    name = f"mambavision_{Path(source).stem.removesuffix('_cuda')}_sm{arch}"
+    cache = Path(os.environ.get("MAMBAVISION_CACHE") or Path.home() / ".cache" / "mambavision") / name
     cache.mkdir(parents=True, exist_ok=True)
     if not (cache / f"{name}.so").exists():
-        print(f"MambaVision: building the selective-scan kernel for sm_{arch} in {cache} (once, about 15 s)",
-              file=sys.stderr, flush=True)
+        print(f"MambaVision: building {what} for sm_{arch} in {cache} (once, about 15 s)", file=sys.stderr, flush=True)
     path = cpp_extension.load(
         name=name,
-        sources=[str(Path(__file__).with_name("scan_cuda.cu"))],
-        extra_cuda_cflags=["-O3", f"-gencode=arch=compute_{arch},code=sm_{arch}"],
+        sources=[str(Path(__file__).with_name(source))],
+        extra_cuda_cflags=["-O3", f"-gencode=arch=compute_{arch},code=sm_{arch}", *cflags],
+        extra_include_paths=list(include_paths),
+        extra_ldflags=list(ldflags),
         build_directory=str(cache),
-        is_python_module=False,  # a plain shared library with an extern "C" interface, called by ctypes
+        is_python_module=False,  # a plain shared library, called by ctypes
     )
-    lib = ctypes.CDLL(path)
+    return ctypes.CDLL(path)
+
+
+def _build_extension():
+    """Build scan_cuda.cu (jit_build); declare its functions and check its layout constants."""
+    lib = jit_build("scan_cuda.cu", "the selective-scan kernel")
     ptr, i32 = ctypes.c_void_p, ctypes.c_int
     lib.mv_scan_fwd.argtypes = [i32] * 6 + [ptr] * 10
     lib.mv_scan_bwd.argtypes = [i32] * 6 + [ptr] * 19
