@@ -1,248 +1,299 @@
-"""The training augmentation of data.py as one batched torch function, for the GPU.
+"""The training augmentation of data.py on the GPU, for a whole batch, with our CUDA kernels (augment_cuda.cu).
 
-`data.TrainTransform.draw(w, h, rng)` draws everything random about a sample (laid out as
-`data.Params`); `TrainTransform.apply` applies it with Pillow on the CPU, and that Pillow path is
-the reference: test_gpu_augment.py checks this file against it op by op. `augment(images, params,
-S)` applies the same parameters to a whole batch of decoded pictures on their device:
-    crop + resize   per image: F.interpolate with antialias, bilinear or bicubic (Pillow's resize
-                    filters, a = -0.5), in one float pass where Pillow makes two rounded ones, and
-                    over the crop alone: not bit-exact (see crop_resize). The box is rounded to
-                    whole pixels (a JPEG decoded at a reduced scale by `TrainTransform.load` leaves
-                    fractions of a pixel)
-    flip            one `where` over the batch
-    RandAugment     slot 1, then slot 2; in a slot the images that drew one op are processed
-                    together, bit-exact: the geometric ops as one affine resampling per
-                    interpolation (Pillow's matrices, pixel centres, filters and fill), the colour
-                    ops in Pillow's arithmetic (integer histograms and lookup tables, float32
-                    blends and 3 x 3 smoothing)
+`data.TrainTransform.draw(w, h, rng)` draws everything random about a sample on the host (laid out as
+`data.Params`); `TrainTransform.apply` applies it with Pillow, and that Pillow path is the reference.
+
+    if gpu_augment.available():
+        x = gpu_augment.augment(images, params, 224)  # uint8 (B, 3, 224, 224) on the images' GPU
+
+applies the same parameters to a batch of decoded pictures of any sizes:
+    crop + resize   Pillow's two-pass fixed-point resampling of the box (Resample.c), bilinear or bicubic,
+                    the passes in Pillow's order (`vertical_first`)
+    flip            folded into the resize's second pass
+    RandAugment     slot 1, then slot 2: Pillow's affine transforms (Rotate, ShearX/Y, TranslateX/YRel,
+                    its matrices, pixel centres, filters and fill), its tables (AutoContrast, Equalize,
+                    Invert, Posterize, Solarize, SolarizeAdd; Contrast and Brightness are blends with a
+                    constant, so tables too) and blends (Color, Sharpness) in its float32 arithmetic
+Exactness: equal to TrainTransform.apply bit for bit, every op, both slots and interpolations (0 levels
+of tolerance; augment_cuda.cu's header gives the argument, test_gpu_augment.py checks it on the GPU).
 The random erasing box stays in the parameters, for data.normalize_and_erase, as on the CPU path.
-Kernel launches: a few per image for the resize, otherwise a bounded number per op and slot.
+
+Cost per batch, whatever its size: the host packs the per-image arguments with numpy (`prepare`, ARGS:
+344 bytes an image), one pinned host-to-device copy takes them over, and at most 9 kernels and a memset
+follow (augment_cuda.cu's header lists them), all on the current stream: nothing waits for the GPU,
+unless `params` is given on the GPU (it is copied to the host first, which waits). The kernels are
+compiled on first use for the visible GPU (scan.jit_build, cached); if that fails, one warning gives the
+reason and `available()` is False.
 """
+import ctypes
 import math
+import threading
+import warnings
 
 import numpy as np
+import PIL
 import torch
-import torch.nn.functional as F
 
 import data
 
 OPS = list(data.RANDAUGMENT_OPS)  # op index -> name
 GEOMETRIC = ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
+OP_CODES = {  # name -> augment_cuda.cu's Op
+    "AutoContrast": 2, "Equalize": 3, "Invert": 4, "PosterizeIncreasing": 5, "SolarizeIncreasing": 6,
+    "SolarizeAdd": 7, "ContrastIncreasing": 8, "BrightnessIncreasing": 9, "ColorIncreasing": 10,
+    "SharpnessIncreasing": 11, **{name: 1 for name in GEOMETRIC},
+}
+HISTOGRAM_OPS = [OP_CODES[name] for name in ("AutoContrast", "Equalize", "ContrastIncreasing")]  # tables of histograms
+TABLE_OPS = HISTOGRAM_OPS + [OP_CODES[name] for name in ("Invert", "PosterizeIncreasing", "SolarizeIncreasing",
+                                                         "SolarizeAdd", "BrightnessIncreasing")]
+PILLOW_MAJOR = int(PIL.__version__.split(".")[0])  # its resize's pass order changed in 13 (vertical_first)
+MAX_SIZE = 8192  # output side: augment_cuda.cu counts one picture's pixels in int32
+MAX_BATCH = 65535  # a CUDA grid dimension
+
+# augment_cuda.cu's Slot and ImageArgs, field for field (8 bytes each, no padding)
+SLOT = np.dtype([("op", "<i8"), ("bicubic", "<i8"), ("value", "<i8"), ("alpha", "<f8"),
+                 ("matrix", "<f8", (6,)), ("fill", "<i8", (3,))])
+ARGS = np.dtype([("pixels", "<u8"), ("height", "<i8"), ("width", "<i8"), ("box", "<f8", (4,)),
+                 ("bicubic", "<i8"), ("flip", "<i8"), ("vertical_first", "<i8"), ("ksize", "<i8", (2,)),
+                 ("coeff_offset", "<i8", (2,)), ("temp_offset", "<i8"), ("temp_first", "<i8"),
+                 ("temp_count", "<i8"), ("slot", SLOT, (2,))])
+
+_build = {"tried": False, "error": None, "lib": None}  # outcome of the one build attempt of this process
+_lock = threading.Lock()  # one build when loader threads start together
+
+
+# ----------------------------------------------------------------------------------------------
+# Host side: the per-image arguments, from the parameters
+
+
+def vertical_first(width, height, size):
+    """Whether Pillow resizes a width x height picture to size x size with its vertical pass first
+    (arrays in, bool array out). Pillow 13 does when that pass removes more rows than twice the
+    columns the horizontal pass removes (ImagingResampleInner); Pillow 12 only for pictures more than
+    100 times taller than wide (Image.resize; data.check_aspect refuses those anyway)."""
+    if PILLOW_MAJOR >= 13:
+        return (height - size > 0) & (height - size > 2 * (width - size))
+    return (height > 100 * width) & (size < height)
+
+
+def rotate_matrix(angle, size):
+    """Image.rotate's inverse matrix (a, b, c, d, e, f) for `angle` degrees about the centre of a
+    size x size picture, computed as Pillow computes it (its cosines rounded to 15 digits)."""
+    angle = -math.radians(angle % 360.0)
+    a, b = round(math.cos(angle), 15), round(math.sin(angle), 15)
+    d, e = round(-math.sin(angle), 15), round(math.cos(angle), 15)
+    centre = size / 2
+    return a, b, a * -centre + b * -centre + 0.0 + centre, d, e, d * -centre + e * -centre + 0.0 + centre
+
+
+def slot_args(op, level, sign, interpolation, size):
+    """One RandAugment slot's SLOT fields for a batch: op (B,) indices into OPS or -1, level, sign,
+    interpolation (B,) float64, as drawn. The parameters follow data.RANDAUGMENT_OPS's formulas."""
+    op = op.astype(np.int64)
+    index = {name: op == k for k, name in enumerate(OPS)}  # name -> (B,) bool
+    slot = np.zeros(len(op), SLOT)
+    slot["op"] = np.array([OP_CODES[name] for name in OPS])[op.clip(0)] * (op >= 0)
+    slot["bicubic"] = interpolation
+    slot["fill"] = data.FILL
+    bits = 4 - np.trunc(4 * level).astype(np.int64)  # data._posterize: 8 or more keep all, 0 or less none
+    mask = np.select([bits >= 8, bits > 0], [255, (255 << (8 - bits.clip(1, 7))) & 255], 0)
+    slot["value"] = np.select(
+        [index["PosterizeIncreasing"], index["SolarizeIncreasing"], index["SolarizeAdd"]],
+        [mask, 256 - np.trunc(256 * level), np.trunc(110 * level)])
+    slot["alpha"] = (1 + sign * 0.9 * level).astype(np.float32)  # ImageEnhance's factor, a C float in Blend.c
+    matrix = np.zeros((len(op), 6))
+    matrix[:, [0, 4]] = 1.0
+    matrix[:, 1] = np.where(index["ShearX"], sign * 0.3 * level, 0.0)
+    matrix[:, 3] = np.where(index["ShearY"], sign * 0.3 * level, 0.0)
+    matrix[:, 2] = np.where(index["TranslateXRel"], sign * 0.45 * level * size, 0.0)
+    matrix[:, 5] = np.where(index["TranslateYRel"], sign * 0.45 * level * size, 0.0)
+    rotated = np.flatnonzero(index["Rotate"])
+    if len(rotated):
+        matrix[rotated] = [rotate_matrix(angle, size) for angle in (sign * 30 * level)[rotated].tolist()]
+    slot["matrix"] = matrix
+    return slot
+
+
+def check_params(heights, widths, p):
+    """A one-line ValueError for parameters Pillow or data.TrainTransform.apply would refuse, or that
+    TrainTransform.draw never gives: p (B, 18) float64, the pictures' heights and widths (B,)."""
+    box = p[:, :4].astype(np.float32)
+    problems = [
+        ((box[:, 0] < 0) | (box[:, 1] < 0), "a crop box offset is negative"),
+        ((box[:, 2] > widths) | (box[:, 3] > heights), "a crop box exceeds its picture"),
+        ((box[:, 2] < box[:, 0]) | (box[:, 3] < box[:, 1]), "a crop box is inverted"),
+        (~np.isin(p[:, [4, 9, 13]], (0, 1)).all(1), "an interpolation is not 0 or 1"),
+        (~np.isin(p[:, [6, 10]], np.arange(-1, len(OPS))).all(1), f"an op is not an integer in -1 .. {len(OPS) - 1}"),
+        (~((p[:, [7, 11]] >= 0) & (p[:, [7, 11]] <= 1)).all(1), "a level is outside [0, 1]"),
+        (~np.isin(p[:, [8, 12]], (-1, 1)).all(1), "a sign is not -1 or 1"),
+    ]
+    for bad, what in problems:
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise ValueError(f"gpu_augment: {what} (image {i}: params {p[i, :14].tolist()})")
+
+
+def prepare(heights, widths, params, size):
+    """The batch's packed arguments (ARGS (B,), the pixel pointers left 0) and its work buffers' sizes,
+    from the pictures' heights and widths (B,) and params (B, 18) float64 as data.Params (numpy).
+
+    The first pass's output is kept for the source rows (horizontal first) or columns (vertical
+    first) [temp_first, temp_first + temp_count): Pillow's filter support on both sides of the box,
+    plus one, so that it holds every row (column) Pillow's second pass reads (test_gpu_augment.py
+    checks this against Pillow's bounds)."""
+    heights, widths = np.asarray(heights, np.int64), np.asarray(widths, np.int64)
+    check_params(heights, widths, params)
+    p, n = params, len(params)
+    args = np.zeros(n, ARGS)
+    box = p[:, :4].astype(np.float32)  # Pillow takes the box as C floats
+    args["height"], args["width"], args["box"] = heights, widths, box
+    args["bicubic"], args["flip"] = p[:, 4], p[:, 5] != 0
+    vfirst = vertical_first(widths, heights, size)
+    args["vertical_first"] = vfirst
+
+    span = np.stack([box[:, 2] - box[:, 0], box[:, 3] - box[:, 1]], 1).astype(np.float64)  # (B, 2): x, y
+    support = np.where(p[:, 4:5] == 1, 2.0, 1.0) * np.maximum(span / size, 1.0)  # as precompute_coeffs
+    ksize = np.ceil(support).astype(np.int64) * 2 + 1
+    weights = size * ksize  # (B, 2)
+    starts = np.concatenate([[0], np.cumsum(weights.sum(1))[:-1]])
+    args["ksize"] = ksize
+    args["coeff_offset"] = np.stack([starts, starts + weights[:, 0]], 1)
+
+    axis = np.where(vfirst, 0, 1)  # the axis along which the first pass keeps source indices
+    rows = np.arange(n)
+    low, high = box[rows, axis].astype(np.float64), box[rows, axis + 2].astype(np.float64)
+    reach = support[rows, axis]
+    length = np.where(vfirst, widths, heights)
+    temp_first = np.maximum(np.floor(low - reach) - 1, 0).astype(np.int64)
+    temp_count = np.minimum(np.ceil(high + reach) + 1, length).astype(np.int64) - temp_first
+    temp_bytes = 3 * size * temp_count
+    args["temp_first"], args["temp_count"] = temp_first, temp_count
+    args["temp_offset"] = np.concatenate([[0], np.cumsum(temp_bytes)[:-1]])
+
+    codes = []
+    for k, start in enumerate((6, 10)):
+        args["slot"][:, k] = slot_args(p[:, start], p[:, start + 1], p[:, start + 2], p[:, start + 3], size)
+        codes.append(args["slot"][:, k]["op"])
+    sizes = {"coeffs": int(weights.sum()), "temp": int(temp_bytes.sum()),
+             "first_pass_items": int(temp_count.max()) * size if n else 0,
+             "slots_used": sum(1 << k for k in (0, 1) if (codes[k] != 0).any()),
+             "slots_with_histograms": sum(1 << k for k in (0, 1) if np.isin(codes[k], HISTOGRAM_OPS).any()),
+             "slots_with_tables": sum(1 << k for k in (0, 1) if np.isin(codes[k], TABLE_OPS).any())}
+    return args, sizes
+
+
+# ----------------------------------------------------------------------------------------------
+# The kernels
+
+
+def _library():
+    """Build augment_cuda.cu once per process; None (after one warning with the reason) if that failed."""
+    with _lock:
+        if not _build["tried"]:
+            _build["tried"] = True
+            try:
+                import scan
+                lib = scan.jit_build("augment_cuda.cu", "the augmentation kernels", cflags=["-fmad=false"])
+                ptr, i32 = ctypes.c_void_p, ctypes.c_int
+                lib.mv_augment.argtypes = [ptr, i32, i32, ctypes.c_longlong, ptr, ptr, ptr, i32, i32, i32,
+                                           ptr, ptr, ptr, ptr, ptr]
+                lib.mv_augment_error_string.restype = ctypes.c_char_p
+                lib.mv_augment_error_string.argtypes = [i32]
+                if lib.mv_augment_args_size() != ARGS.itemsize:
+                    raise RuntimeError("gpu_augment.py's ARGS disagrees with augment_cuda.cu (a stale build?)")
+                _build["lib"] = lib
+            except Exception as e:  # a missing toolkit or a compiler error must not end the run
+                _build["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+                warnings.warn(f"MambaVision: could not build the GPU augmentation kernels ({_build['error']}); "
+                              "augment with Pillow instead", RuntimeWarning, stacklevel=3)
+    return _build["lib"]
+
+
+def available(device=None):
+    """True if `augment` works on `device` (default: the current CUDA device): builds the kernels on
+    the first call. False without CUDA, and (after one warning with the reason) if the build failed."""
+    if not torch.cuda.is_available():
+        return False
+    with torch.cuda.device(device):
+        return _library() is not None
+
+
+def _check_images(images):
+    """The images' common CUDA device (None for no images), or a one-line ValueError."""
+    for i, img in enumerate(images):
+        if not isinstance(img, torch.Tensor):
+            raise ValueError(f"gpu_augment.augment: image {i} is a {type(img).__name__}, not a tensor")
+        if not img.is_cuda:
+            raise ValueError(f"gpu_augment.augment needs CUDA tensors: image {i} is on {img.device}")
+        if img.dtype != torch.uint8 or img.dim() != 3 or img.shape[0] != 3 or img.numel() == 0:
+            raise ValueError(f"gpu_augment.augment needs uint8 (3, H, W) pictures: image {i} is "
+                             f"{img.dtype} {tuple(img.shape)}")
+        if not img.is_contiguous():
+            raise ValueError(f"gpu_augment.augment needs contiguous pictures: image {i} is not (call .contiguous())")
+        if img.device != images[0].device:
+            raise ValueError(f"gpu_augment.augment needs one device: image 0 is on {images[0].device}, "
+                             f"image {i} on {img.device}")
+    return images[0].device if images else None
 
 
 def augment(images, params, size):
-    """images: B uint8 tensors (3, H_i, W_i) on one device; params: (B, 18) floats laid out as
-    data.Params (the crop box in each image's pixels) -> uint8 (B, 3, size, size) on that device."""
-    p = data.Params(*params.detach().to("cpu", torch.float64).unbind(1))  # (B,) each, on the host
-    boxes = torch.stack([p.left, p.top, p.right, p.bottom], 1).tolist()
-    x = torch.stack([crop_resize(img, box, int(bicubic), size)
-                     for img, box, bicubic in zip(images, boxes, p.interpolation.tolist())])  # (B, 3, S, S) float
-    x = x.add_(0.5).floor_().clamp_(0, 255).to(torch.uint8)
-    flip = p.flip.to(x.device).bool().view(-1, 1, 1, 1)
-    x = torch.where(flip, x.flip(3), x)
-    for slot in ((p.op1, p.level1, p.sign1, p.interp1), (p.op2, p.level2, p.sign2, p.interp2)):
-        x = rand_augment_slot(x, *slot)
-    return x
+    """images: B uint8 CUDA tensors (3, H_i, W_i), planar RGB, contiguous, on one device; params: (B, 18)
+    float64 as data.Params (the crop box in each image's pixels; on the host: on the GPU it is copied
+    over first, which waits for the GPU) -> a new uint8 (B, 3, size, size) tensor on that device, equal
+    to data.TrainTransform(size).apply's pictures.
+
+    Queued on the current CUDA stream, returns without waiting for the GPU. As with any CUDA op, the
+    images must not be freed before that stream has run it: pictures allocated on this stream are safe
+    (the caching allocator reuses their memory in stream order), ones from another stream need
+    `record_stream`. Thread-safe: loader threads may call it at once, each on its own stream. No images
+    give an empty tensor on the current CUDA device."""
+    images = list(images)
+    if not isinstance(size, int) or not 1 <= size <= MAX_SIZE:
+        raise ValueError(f"gpu_augment.augment: size must be an int in 1 .. {MAX_SIZE}, not {size!r}")
+    if not isinstance(params, torch.Tensor) or tuple(params.shape) != (len(images), len(data.Params._fields)):
+        shape = tuple(params.shape) if isinstance(params, torch.Tensor) else type(params).__name__
+        raise ValueError(f"gpu_augment.augment: params must be a ({len(images)}, {len(data.Params._fields)}) "
+                         f"tensor (data.Params per image), not {shape}")
+    if len(images) > MAX_BATCH:
+        raise ValueError(f"gpu_augment.augment: at most {MAX_BATCH} images a call, not {len(images)}")
+    device = _check_images(images)
+    if not images:
+        return torch.empty((0, 3, size, size), dtype=torch.uint8,
+                           device="cuda" if torch.cuda.is_available() else "cpu")
+    p = params.detach().to("cpu", torch.float64).numpy()
+    args, sizes = prepare([img.shape[1] for img in images], [img.shape[2] for img in images], p, size)
+    args["pixels"] = [img.data_ptr() for img in images]
+    with torch.cuda.device(device):
+        lib = _library()
+        if lib is None:
+            raise RuntimeError(f"gpu_augment's kernels could not be built ({_build['error']}): "
+                               "check gpu_augment.available() and augment with Pillow")
+        return _launch(lib, args, sizes, size, device)
 
 
-def crop_resize(img, box, bicubic, size):
-    """Pillow's `img.resize((size, size), filter, box=box)` of one uint8 image (3, H, W) -> float
-    (3, size, size), not yet rounded. Pillow's filter also reads the pixels just outside the box
-    (up to the filter's support); here the crop's border is replicated instead."""
-    left, top, right, bottom = (round(c) for c in box)
-    crop = img[None, :, top:max(bottom, top + 1), left:max(right, left + 1)].float()  # (1, 3, h, w)
-    return F.interpolate(crop, size=(size, size), mode="bicubic" if bicubic else "bilinear",
-                         align_corners=False, antialias=True)[0]
+def _launch(lib, args, sizes, size, device):
+    """Copy the packed arguments over, allocate the work buffers, queue the kernels; -> the pictures."""
+    n = len(args)
 
+    def empty(shape, dtype=torch.uint8, needed=True):
+        return torch.empty(shape, dtype=dtype, device=device) if needed else None
 
-def rand_augment_slot(x, op, level, sign, interpolation):
-    """One RandAugment slot on the batch x (B, 3, S, S) uint8, in place: op (B,) an index into OPS
-    or -1, level, sign, interpolation (B,) host tensors as drawn. Returns x."""
-    geometric = torch.isin(op, torch.tensor([float(OPS.index(name)) for name in GEOMETRIC], dtype=op.dtype))
-    for bicubic in (False, True):
-        rows = (geometric & ((interpolation == 1) == bicubic)).nonzero()[:, 0]
-        if len(rows):
-            matrices = [pillow_affine(OPS[int(op[i])], float(level[i]), float(sign[i]), x.shape[-1]) for i in rows]
-            index = rows.to(x.device)
-            x[index] = affine(x[index], torch.tensor(matrices, dtype=torch.float64, device=x.device), bicubic)
-    for name, colour_op in COLOUR_OPS.items():
-        rows = (op == OPS.index(name)).nonzero()[:, 0]
-        if len(rows):
-            index = rows.to(x.device)
-            x[index] = colour_op(x[index], level[rows], sign[rows])
-    return x
+    packed = torch.from_numpy(args.view(np.uint8)).pin_memory().to(device, non_blocking=True)
+    bounds = empty(n * 2 * size * 2, torch.int32)
+    coeffs = empty(sizes["coeffs"], torch.int32)
+    temp = empty(sizes["temp"])
+    hist = empty(2 * n * 3 * 256, torch.int32, needed=sizes["slots_with_histograms"] != 0)
+    lut = empty(n * 3 * 256, needed=sizes["slots_with_tables"] != 0)
+    scratch = empty((n, 3, size, size), needed=sizes["slots_used"] != 0)
+    pictures = empty((n, 3, size, size))
+    def pointer(t):
+        return None if t is None else t.data_ptr()
 
-
-# ----------------------------------------------------------------------------------------------
-# Geometric ops: Pillow's Image.transform(AFFINE) with a fill colour
-
-
-def pillow_affine(name, v, s, size):
-    """Pillow's inverse affine coefficients (a, b, c, d, e, f) for op `name` of data.RANDAUGMENT_OPS
-    on a size x size image, computed as Pillow does (Image.rotate's own matrix for Rotate): the
-    output pixel centred at (x, y) samples the input at (a x + b y + c, d x + e y + f)."""
-    if name == "Rotate":
-        angle = -math.radians((s * 30 * v) % 360.0)
-        a, b = round(math.cos(angle), 15), round(math.sin(angle), 15)
-        d, e = round(-math.sin(angle), 15), round(math.cos(angle), 15)
-        centre = size / 2
-        return a, b, a * -centre + b * -centre + 0.0 + centre, d, e, d * -centre + e * -centre + 0.0 + centre
-    return {"ShearX": (1, s * 0.3 * v, 0, 0, 1, 0),
-            "ShearY": (1, 0, 0, s * 0.3 * v, 1, 0),
-            "TranslateXRel": (1, 0, s * 0.45 * v * size, 0, 1, 0),
-            "TranslateYRel": (1, 0, 0, 0, 1, s * 0.45 * v * size)}[name]
-
-
-def affine(x, matrices, bicubic):
-    """x (n, 3, S, S) uint8 resampled through per-image matrices (n, 6) (pillow_affine) -> uint8,
-    exactly as Pillow's generic transform (Geometry.c) computes it, for all n images at once.
-
-    Pixel (x, y) samples the input at the matrix image of its centre (x + 0.5, y + 0.5), in float64
-    and Pillow's order of operations. A sample outside [0, S) x [0, S) takes data.FILL. One inside
-    is interpolated from the pixels around (u - 0.5, v - 0.5), border pixels replicated: bilinear
-    as two lerps along x then one along y, bicubic as Pillow's cubic (a = -1) over 4 x 4 pixels,
-    clipped to [0, 255]; then truncated to an integer."""
-    n, _, S, _ = x.shape
-    centres = torch.arange(S, dtype=torch.float64, device=x.device) + 0.5
-    xin, yin = centres.view(1, 1, S), centres.view(1, S, 1)
-    a, b, c, d, e, f = (m.view(-1, 1, 1) for m in matrices.unbind(1))  # (n, 1, 1) each
-    u, v = a * xin + b * yin + c, d * xin + e * yin + f  # (n, S, S): where each output pixel samples
-    inside = ((u >= 0) & (u < S) & (v >= 0) & (v < S))[:, None]  # (n, 1, S, S)
-    u, v = u - 0.5, v - 0.5
-    col, row = u.floor(), v.floor()
-    dx, dy = (u - col)[:, None], (v - row)[:, None]  # (n, 1, S, S)
-    pixels = x.flatten(2).double()  # (n, 3, S * S)
-
-    def at(i, j):  # the pixels at rows row + i, columns col + j, clamped to the image: (n, 3, S, S)
-        index = ((row + i).clamp(0, S - 1) * S + (col + j).clamp(0, S - 1)).long().view(n, 1, S * S)
-        return pixels.gather(2, index.expand(-1, 3, -1)).view(n, 3, S, S)
-
-    if bicubic:
-        lines = [cubic(*(at(i, j) for j in (-1, 0, 1, 2)), dx) for i in (-1, 0, 1, 2)]
-        out = cubic(*lines, dy).clamp_(0, 255)
-    else:
-        lines = [lerp(at(i, 0), at(i, 1), dx) for i in (0, 1)]
-        out = lerp(*lines, dy)
-    fill = torch.tensor(data.FILL, dtype=out.dtype, device=x.device).view(1, 3, 1, 1)
-    return torch.where(inside, out.floor_(), fill).to(torch.uint8)
-
-
-def lerp(v1, v2, d):
-    """Geometry.c's BILINEAR: v1 + (v2 - v1) d."""
-    return v1 + (v2 - v1) * d
-
-
-def cubic(v1, v2, v3, v4, d):
-    """Geometry.c's BICUBIC through v2 (d = 0) and v3 (d = 1), a = -1, in its order of operations."""
-    p2 = -v1 + v3
-    p3 = 2 * (v1 - v2) + v3 - v4
-    p4 = -v1 + v2 - v3 + v4
-    return v2 + d * (p2 + d * (p3 + d * p4))
-
-
-# ----------------------------------------------------------------------------------------------
-# Colour ops: f(x (n, 3, S, S) uint8, level (n,), sign (n,) host float64) -> uint8, as Pillow computes them
-
-
-def apply_lut(x, lut):
-    """x (n, 3, S, S) uint8 through per-image, per-channel lookup tables lut (n, 3, 256) -> uint8."""
-    return lut.to(torch.uint8).gather(2, x.flatten(2).long()).view_as(x)
-
-
-def autocontrast(x, level, sign):
-    """ImageOps.autocontrast: per channel lo, hi = min, max; lut[i] = int(i * 255 / (hi - lo) - lo * scale), clipped."""
-    lo, hi = x.amin((2, 3)).double()[..., None], x.amax((2, 3)).double()[..., None]  # (n, 3, 1)
-    scale = torch.full_like(lo, 255.0) / (hi - lo)  # not 255.0 / t: torch takes that as 255 x (1 / t)
-    i = torch.arange(256, dtype=torch.float64, device=x.device)
-    lut = torch.trunc(i * scale + -lo * scale).clamp(0, 255)
-    return apply_lut(x, torch.where(hi > lo, lut, i))
-
-
-def equalize(x, level, sign):
-    """ImageOps.equalize: per channel histogram h, step = (pixels - h[last non-empty bin]) // 255,
-    lut[i] = (step // 2 + sum(h[:i])) // step; identity for a step of 0 or a single value."""
-    n = x.shape[0]
-    channel = torch.arange(3 * n, device=x.device).view(n, 3, 1) * 256
-    h = torch.bincount((x.flatten(2).long() + channel).flatten(), minlength=3 * n * 256).view(n, 3, 256)
-    last = 255 - (h > 0).flip(2).int().argmax(2, keepdim=True)  # (n, 3, 1): the last non-empty bin
-    step = (h.sum(2, keepdim=True) - h.gather(2, last)) // 255
-    lut = ((step // 2 + h.cumsum(2) - h) // step.clamp(min=1)).clamp(max=255)
-    identity = (step == 0) | ((h > 0).sum(2, keepdim=True) <= 1)
-    return apply_lut(x, torch.where(identity, torch.arange(256, device=x.device), lut))
-
-
-def invert(x, level, sign):
-    return 255 - x
-
-
-def posterize(x, level, sign):
-    """Keep the top 4 - int(4 v) bits (data._posterize: 0 bits -> black)."""
-    bits = 4 - torch.floor(4 * level).long()
-    mask = torch.bitwise_left_shift(torch.full_like(bits, 255), 8 - bits) & 255
-    return x & mask.to(x.device, torch.uint8).view(-1, 1, 1, 1)
-
-
-def solarize(x, level, sign):
-    """ImageOps.solarize at threshold 256 - int(256 v): values at or above it inverted."""
-    threshold = (256 - torch.floor(256 * level)).to(x.device, torch.int16).view(-1, 1, 1, 1)
-    return torch.where(x < threshold, x, 255 - x)
-
-
-def solarize_add(x, level, sign):
-    """data._solarize_add: int(110 v) added to values under 128, clipped at 255."""
-    add = torch.floor(110 * level).to(x.device, torch.int16).view(-1, 1, 1, 1)
-    return torch.where(x < 128, (x + add).clamp(max=255), x).to(torch.uint8)
-
-
-def blend(degenerate, x, level, sign):
-    """Image.blend(degenerate, x, 1 + s 0.9 v) as ImageEnhance calls it, in Pillow's float32 arithmetic:
-    int(d + alpha (x - d)) clipped to [0, 255]; degenerate: an integer tensor broadcastable to x."""
-    alpha = (1 + sign * 0.9 * level).to(x.device, torch.float32).view(-1, 1, 1, 1)
-    d = degenerate.int()
-    return (d.float() + alpha * (x.int() - d).float()).clamp_(0, 255).to(torch.uint8)
-
-
-def grey(x):
-    """Pillow's RGB -> L: (19595 R + 38470 G + 7471 B + 0x8000) >> 16, as int32 (n, 1, S, S)."""
-    r, g, b = x.int().unbind(1)
-    return ((19595 * r + 38470 * g + 7471 * b + 0x8000) >> 16)[:, None]
-
-
-def contrast(x, level, sign):
-    """ImageEnhance.Contrast: blended with the grey level int(mean(L) + 0.5)."""
-    L = grey(x)
-    total = L.sum((1, 2, 3)).double()
-    mean = total / torch.full_like(total, L[0].numel())  # a tensor: CUDA divides by a number as x (1 / number)
-    return blend(torch.floor(mean + 0.5).view(-1, 1, 1, 1), x, level, sign)
-
-
-def smooth(x):
-    """ImageFilter.SMOOTH as Pillow's ImagingFilter3x3 computes it: inside the border, 0.5 + the
-    3 x 3 kernel (1 1 1, 1 5 1, 1 1 1) / 13 in float32, row below first, then truncated; the border
-    rows and columns kept."""
-    k1, k5 = (float(np.float32(k) / np.float32(13)) for k in (1, 5))  # Pillow's kernel / 13, in float32
-    f = x.float()
-
-    def row(r, centre):  # r (n, 3, S - 2, S): kernel row over columns x - 1, x, x + 1 of the interior
-        return r[..., :-2] * k1 + r[..., 1:-1] * centre + r[..., 2:] * k1
-
-    total = 0.5 + row(f[:, :, 2:], k1)
-    total = total + row(f[:, :, 1:-1], k5)
-    total = total + row(f[:, :, :-2], k1)
-    out = x.clone()
-    out[:, :, 1:-1, 1:-1] = total.clamp_(0, 255).to(torch.uint8)
-    return out
-
-
-COLOUR_OPS = {  # name in data.RANDAUGMENT_OPS -> f(x, level, sign)
-    "AutoContrast": autocontrast,
-    "Equalize": equalize,
-    "Invert": invert,
-    "PosterizeIncreasing": posterize,
-    "SolarizeIncreasing": solarize,
-    "SolarizeAdd": solarize_add,
-    "ColorIncreasing": lambda x, level, sign: blend(grey(x), x, level, sign),
-    "ContrastIncreasing": contrast,
-    "BrightnessIncreasing": lambda x, level, sign: blend(torch.zeros(1, device=x.device), x, level, sign),
-    "SharpnessIncreasing": lambda x, level, sign: blend(smooth(x), x, level, sign),
-}
+    code = lib.mv_augment(
+        pointer(packed), n, size, sizes["first_pass_items"], pointer(bounds), pointer(coeffs), pointer(temp),
+        sizes["slots_used"], sizes["slots_with_histograms"], sizes["slots_with_tables"],
+        pointer(hist), pointer(lut), pointer(scratch), pointer(pictures),
+        torch.cuda.current_stream(device).cuda_stream)
+    if code != 0:
+        raise RuntimeError(f"gpu_augment's kernels failed: {lib.mv_augment_error_string(code).decode()}")
+    return pictures  # the buffers above may go: the caching allocator reuses them in stream order
