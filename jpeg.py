@@ -14,7 +14,7 @@ CPU path (data.load_rgb) does, raising where that raises. Pixels differ from Pil
 (nvJPEG's IDCT and chroma upsampling are not libjpeg's; test_jpeg.py states the bounds). Glossary:
     engines     the GPU's hardware JPEG decoders (A100, H100, H200), used through NVJPEG_BACKEND_HARDWARE for
                 the baseline files they accept; the others take nvJPEG's GPU-assisted default backend
-    decoder     the nvJPEG handle, states and buffers of one GPU (jpeg_cuda.cu's `Decoder`): made once, reused
+    decoder     the nvJPEG handle, states and buffers of one GPU and slot (jpeg_cuda.cu's `Decoder`): made once, reused
     status      per-file result code of jpeg_cuda.cu: 0 decoded, else why not (`error_string`)
 """
 import ctypes
@@ -31,7 +31,7 @@ from PIL import Image
 import data as datalib  # a module reference, not names: data.py may import this file
 
 _build = {"tried": False, "error": None, "lib": None}  # outcome of the one build attempt of this process
-_decoders = {}  # (device index, engines allowed) -> decoder pointer (ctypes.c_void_p), None if it failed
+_decoders = {}  # (device index, engines allowed, slot) -> decoder pointer (ctypes.c_void_p), None if it failed
 _INFO_FIELDS = 6  # mv_jpeg_info's ints per file: width, height, components, subsampling, engines take it, status
 _lock = threading.RLock()  # one build, one decoder per key, when loader threads start together
 
@@ -99,12 +99,12 @@ def _cuda_device(device):
     return device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
 
 
-def _decoder(device, hardware=True):
-    """The decoder of `device` (made on first use), or None (after one warning) if nvJPEG cannot start there."""
+def _decoder(device, hardware=True, slot=0):
+    """The decoder `slot` of `device` (made on first use), or None (after one warning) if nvJPEG cannot start there."""
     lib = _library()
     if lib is None:
         return None
-    key = (device.index, bool(hardware))
+    key = (device.index, bool(hardware), slot)
     with _lock:
         if key not in _decoders:
             state = ctypes.c_void_p()
@@ -153,10 +153,10 @@ def _fits_pillow_limits(w, h):
     return (limit is None or w * h <= limit) and max(w, h) <= datalib.MAX_ASPECT * min(w, h)
 
 
-def decode_with_status(datas, device=None, hardware=True):
+def decode_with_status(datas, device=None, hardware=True, slot=0):
     """`decode`, also returning each file's status code (0 decoded; see `error_string`)."""
     device = _cuda_device(device) if torch.cuda.is_available() else None
-    state = _decoder(device, hardware) if device is not None else None
+    state = _decoder(device, hardware, slot) if device is not None else None
     if state is None:
         raise RuntimeError("nvJPEG is not available (see the warning): check jpeg.available() and decode with Pillow")
     lib, tensors = _build["lib"], [_as_tensor(d) for d in datas]
@@ -181,13 +181,14 @@ def decode_with_status(datas, device=None, hardware=True):
     return [o if o is not None and status[k] == 0 else None for k, o in enumerate(outs)], codes
 
 
-def decode(datas, device=None, hardware=True):
+def decode(datas, device=None, hardware=True, slot=0):
     """Decode JPEG files onto a CUDA device: `datas` a list of 1-D uint8 CPU tensors (file bytes); returns a
     list of (3, H, W) uint8 RGB tensors on `device`, None where nvJPEG could not or should not decode the
     file (use `decode_with_pillow` there). Runs on the current CUDA stream and returns once it is done.
-    `hardware=False` keeps off the JPEG engines (for tests and comparisons). Thread-safe; the GIL is
-    released while the GPU works, so a loader thread can decode on its own stream."""
-    return decode_with_status(datas, device, hardware)[0]
+    `hardware=False` keeps off the JPEG engines (for tests and comparisons). Thread-safe, and the GIL
+    is released meanwhile: threads that decode at the same time, each on its own stream, pass
+    different `slot`s (0, 1, ...: a decoder each, made on first use and kept), else they take turns."""
+    return decode_with_status(datas, device, hardware, slot)[0]
 
 
 def decode_with_pillow(data):

@@ -1,7 +1,8 @@
 // JPEG decoding on the GPU with nvJPEG, for jpeg.py (built by it like scan_cuda.cu: a plain shared library
 // with the extern "C" interface at the end, called through ctypes).
 //
-// One decoder (`Decoder`) per GPU, created once and reused. A batch is split by the file headers:
+// One decoder (`Decoder`) per GPU and per thread that decodes at once (jpeg.py's slots), created once and
+// reused. A batch is split by the file headers:
 //   - baseline files that nvjpegDecodeBatchedSupported accepts go to the JPEG engines (NVJPEG_BACKEND_HARDWARE,
 //     one nvjpegDecodeBatched call; A100/H100/H200 have the engines);
 //   - the others (progressive, sizes or subsamplings the engines refuse, every file on a GPU without engines)

@@ -24,8 +24,10 @@ the finite test is one, so one capture serves the whole schedule; the forward gr
 again only when MESA switches on. Where compiling or capturing fails, one warning names the reason
 and the step goes on eagerly: the same function, with the same results up to rounding.
 """
+import contextlib
 import copy
 import math
+import threading
 import time
 import warnings
 
@@ -288,6 +290,43 @@ class FastPathUnavailable(RuntimeError):
     """Compiling or capturing the step failed: TrainStep goes on eagerly."""
 
 
+class CaptureLock:
+    """Keeps other threads' GPU work out of a CUDA graph capture: the GPU data path's threads each
+    hold it `shared()` around a batch's decode and augmentation, together; a capture holds it
+    `exclusive()`, alone. A capture waiting for it holds off new shared holders, so it gets it."""
+
+    def __init__(self):
+        self.cond, self.holders, self.capturing = threading.Condition(), 0, False
+
+    @contextlib.contextmanager
+    def shared(self):
+        with self.cond:
+            self.cond.wait_for(lambda: not self.capturing)
+            self.holders += 1
+        try:
+            yield
+        finally:
+            with self.cond:
+                self.holders -= 1
+                self.cond.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self):
+        with self.cond:
+            self.cond.wait_for(lambda: not self.capturing)
+            self.capturing = True
+            self.cond.wait_for(lambda: self.holders == 0)
+        try:
+            yield
+        finally:
+            with self.cond:
+                self.capturing = False
+                self.cond.notify_all()
+
+
+CAPTURE_LOCK = CaptureLock()  # the one of this process (data.GpuBatches takes it too)
+
+
 class CapturedCall:
     """fn(*tensors, **static) replayed as a CUDA graph.
 
@@ -295,7 +334,8 @@ class CapturedCall:
     on a side stream (compilation, cuDNN autotuning and lazy allocations happen there, for real:
     they are training steps), the next one captures fn and replays it; after that every call copies
     its tensor arguments into the captured inputs and replays. Only the latest capture is kept.
-    The capture runs in thread-local mode: the loader's pin-memory thread may use CUDA meanwhile.
+    The capture runs in thread-local mode (the loader's pin-memory thread may use CUDA meanwhile) and
+    holds CAPTURE_LOCK alone (the GPU data path's threads share it around each batch's GPU work).
     A replay recomputes everything fn computed, so fn must not branch on tensor values, and reads
     random numbers from torch's generator as seeded before the call (torch.manual_seed).
     """
@@ -320,7 +360,7 @@ class CapturedCall:
             if self.graph is None:
                 self.inputs = [a.clone() for a in args]  # same strides: channels_last stays channels_last
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                with CAPTURE_LOCK.exclusive(), torch.cuda.graph(graph, capture_error_mode="thread_local"):
                     self.output = self.fn(*self.inputs, **static)
                 self.graph = graph
                 self.log(f"fast path: {self.name}{''.join(f', {k} {v}' for k, v in static.items())} compiled "
