@@ -13,11 +13,15 @@ image folders to try it on. Glossary:
     rng        a `random.Random` owned by one sample, so its augmentation does not depend on which
                worker process decoded it (see `EpochSampler`)
 """
+import io
+import itertools
 import math
 import os
+import queue
 import random
 import signal
 import sys
+import threading
 from collections import deque, namedtuple
 from fractions import Fraction
 
@@ -621,11 +625,164 @@ def _seed_worker(worker_id):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def make_loader(dataset, batch_size, sampler, workers, train, device_type="cpu"):
+def make_loader(dataset, batch_size, sampler, workers, train, device_type="cpu", collate_fn=None):
     """A DataLoader over `sampler`'s keys: worker processes, pinned memory on GPUs, persistent
     workers, full batches only in training."""
     return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate_fn,
         pin_memory=device_type == "cuda", drop_last=train, persistent_workers=workers > 0,
         worker_init_fn=_seed_worker, generator=torch.Generator().manual_seed(sampler.seed + sampler.rank),
         prefetch_factor=4 if workers > 0 else None)
+
+
+# ----------------------------------------------------------------------------------------------
+# The GPU data path: workers read file bytes and draw the parameters; the GPU decodes and augments
+
+
+class FileSamples(torch.utils.data.Dataset):
+    """The GPU data path's worker side over an ImageFolder whose transform is a TrainTransform:
+    `files[(i, seed)]` -> (file bytes (N,) uint8, params (18,) as TrainTransform.draw on the size in
+    the file's header, label, sample index, seed). Nothing is decoded here. A file whose header
+    Pillow cannot read, or whose size load_rgb refuses, is reported and replaced by the next sample,
+    as ImageFolder does; one that fails only when decoded is handled by GpuBatches."""
+
+    def __init__(self, folder):
+        self.folder, self.transform = folder, folder.transform
+
+    def __len__(self):
+        return len(self.folder)
+
+    def __getitem__(self, key):
+        index, seed = key
+        samples = self.folder.samples
+        for attempt in range(len(samples)):
+            i = (index + attempt) % len(samples)
+            path, label = samples[i]
+            rng = random.Random(seed)  # a fresh draw per attempt, as ImageFolder makes
+            try:
+                with open(path, "rb") as f:
+                    raw = f.read()
+                with Image.open(io.BytesIO(raw)) as img:  # the header only; raises DecompressionBombError
+                    check_aspect(*img.size)
+                    w, h = img.size
+                break
+            except (OSError, ValueError, Image.DecompressionBombError) as e:
+                self.folder._report_bad(i, path, e)
+        return torch.frombuffer(bytearray(raw), dtype=torch.uint8), self.transform.draw(w, h, rng), label, i, seed
+
+
+def collate_files(samples):
+    """FileSamples' items -> one batch with one tensor per field (one shared-memory block each between
+    processes): (all files' bytes concatenated (N,), their lengths (B,), params (B, 18), labels (B,),
+    sample indices (B,), seeds (B,))."""
+    datas, params, labels, indices, seeds = zip(*samples)
+    return (torch.cat(datas), torch.tensor([len(d) for d in datas]), torch.stack(params), torch.tensor(labels),
+            torch.tensor(indices), torch.tensor(seeds))
+
+
+class GpuBatches:
+    """Training batches decoded and augmented on the GPU: iterating gives ((uint8 (B, 3, S, S),
+    erase boxes (B, 4)), labels) on `device`, as the CPU path's loader gives them on the host.
+
+    `loader` yields collate_files batches of FileSamples. `threads` threads of this process take
+    its batches in turn, each on its own CUDA stream (high priority, so that the data path's
+    kernels are not queued behind the training step's) with its own nvJPEG decoder: decode the
+    JPEGs (jpeg.py; the GPU's hardware engines where it has them), apply the drawn parameters
+    (gpu_augment.augment), up to `depth` batches each ahead of the training step. The batches come
+    out in the loader's order, and the main stream waits on an event before it reads one. nvJPEG's
+    host work (parsing each file) is most of a batch's time, hence several threads (ctypes lets go
+    of the GIL meanwhile). Per file: one nvJPEG refuses (CMYK, progressive on the engines' path,
+    a PNG named .JPEG) is decoded by Pillow (as load_rgb) and augmented with the rest; one Pillow
+    cannot decode either is reported and counted as ImageFolder does, and its place takes what the
+    CPU path gives for the same key (the next readable sample, augmented by Pillow). The threads
+    hold `lock` shared around their GPU work, so that a CUDA graph capture can keep them out
+    (step.CAPTURE_LOCK)."""
+
+    def __init__(self, loader, folder, device, lock, threads=6, depth=2):
+        import gpu_augment
+        import jpeg
+        self.loader, self.folder, self.device, self.lock, self.depth = loader, folder, device, lock, depth
+        self.jpeg, self.augment = jpeg, gpu_augment.augment
+        self.streams = [torch.cuda.Stream(device, priority=-1) for _ in range(threads)]
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        n, batches, stop = len(self.streams), iter(self.loader), threading.Event()
+        turn = {"next": 0, "cond": threading.Condition()}  # which thread takes the loader's next batch
+        ready = [queue.Queue(self.depth) for _ in range(n)]  # thread k's batches: number k, k + n, ...
+        workers = [threading.Thread(target=self._produce, args=(k, batches, turn, ready[k], stop), daemon=True,
+                                    name=f"gpu-data-{k}") for k in range(n)]
+        for w in workers:
+            w.start()
+        try:
+            for number in itertools.count():
+                item = ready[number % n].get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                (x, boxes), labels, done = item
+                torch.cuda.current_stream(self.device).wait_event(done)
+                for t in (x, boxes, labels):  # made on a data stream, read on this one
+                    t.record_stream(torch.cuda.current_stream(self.device))
+                yield (x, boxes), labels
+        finally:
+            stop.set()
+            for w in workers:
+                w.join()
+
+    def _produce(self, k, batches, turn, ready, stop):
+        """Thread k: the loader's batches number k, k + n, ... onto `ready`, then None; an exception
+        (a DataError for too many bad files, a worker's crash) goes there instead, for the training loop."""
+        n, cond = len(self.streams), turn["cond"]
+
+        def put(item):
+            while not stop.is_set():
+                try:
+                    return ready.put(item, timeout=0.1)
+                except queue.Full:
+                    pass
+        try:
+            while not stop.is_set():
+                with cond:
+                    if not cond.wait_for(lambda: turn["next"] % n == k, timeout=0.1):
+                        continue
+                    batch = next(batches, None)
+                    turn["next"] += 1
+                    cond.notify_all()
+                if batch is None:
+                    return put(None)
+                with self.lock.shared(), torch.cuda.stream(self.streams[k]):
+                    item = self._gpu_batch(*batch, slot=k)
+                    done = torch.cuda.Event()
+                    done.record(self.streams[k])
+                put((*item, done))
+        except BaseException as e:
+            put(e)
+
+    def _gpu_batch(self, data, lengths, params, labels, indices, seeds, slot):
+        """One collate_files batch -> ((x, boxes), labels) on the device, queued on the current stream."""
+        datas = list(torch.split(data, lengths.tolist()))
+        images = self.jpeg.decode(datas, self.device, slot=slot)  # (3, H, W) uint8 on the device, or None
+        replaced = {}  # batch position -> the CPU path's (uint8 (3, S, S), box, label) for the same key
+        for j, image in enumerate(images):
+            if image is None:
+                try:
+                    images[j] = self.jpeg.decode_with_pillow(datas[j]).to(self.device)
+                except (OSError, ValueError, Image.DecompressionBombError) as e:
+                    i = int(indices[j])
+                    self.folder._report_bad(i, self.folder.samples[i][0], e)
+                    (picture, box), label = self.folder[((i + 1) % len(self.folder), int(seeds[j]))]
+                    replaced[j] = picture, box, label
+        keep = [j for j in range(len(images)) if j not in replaced]
+        x = self.augment([images[j] for j in keep], params[keep], self.folder.transform.img_size)  # (B', 3, S, S)
+        boxes, labels = params[:, -4:].long(), labels.clone()
+        if replaced:
+            full = torch.empty((len(images), *x.shape[1:]), dtype=x.dtype, device=self.device)
+            full[keep] = x
+            for j, (picture, box, label) in replaced.items():
+                full[j], boxes[j], labels[j] = picture.to(self.device), box, label
+            x = full
+        return (x, boxes.to(self.device, non_blocking=True)), labels.to(self.device, non_blocking=True)

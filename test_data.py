@@ -10,6 +10,7 @@ from PIL import Image
 
 import bench
 import data
+import step
 import synthetic
 
 MEAN, STD = torch.tensor(data.IMAGENET_MEAN).view(3, 1, 1), torch.tensor(data.IMAGENET_STD).view(3, 1, 1)
@@ -469,6 +470,86 @@ def test_loader_benchmark_counts_reduced_decodes_on_imagenet_sizes(capsys, monke
     # crop spans at least 2 x 32 px each way; the 64 x 48 ones never do, nor any without draft mode
     assert out[1].startswith("draft off") and "(0% at reduced scale)" in out[1]
     assert out[2].startswith("draft on ") and "(50% at reduced scale)" in out[2]
+
+
+# ---------------------------------------------------------------------------------------------- the GPU data path
+
+def odd_folder(root):
+    """root/<class>/ with photo-like JPEGs of a few sizes and ImageNet's odd files: CMYK and greyscale
+    JPEGs, a PNG named .JPEG, and a truncated JPEG whose header still reads (found bad only when decoded)."""
+    rng = np.random.default_rng(3)
+    for c in ("a", "b"):
+        os.makedirs(root / c)
+        for k, (w, h) in enumerate([(96, 80), (120, 70), (70, 100), (90, 90)]):
+            Image.fromarray(synthetic.photo_like(rng, w, h)).save(root / c / f"{k}.JPEG", quality=90)
+    photo = Image.fromarray(synthetic.photo_like(rng, 90, 80))
+    photo.convert("CMYK").save(root / "a" / "cmyk.JPEG")
+    photo.convert("L").save(root / "b" / "grey.JPEG")
+    photo.save(root / "b" / "png.JPEG", format="PNG")
+    whole = (root / "a" / "0.JPEG").read_bytes()
+    (root / "a" / "truncated.JPEG").write_bytes(whole[: len(whole) // 2])
+    return str(root)
+
+
+def test_file_samples_draw_what_the_cpu_path_draws(tmp_path):
+    """The GPU path's workers ship a file's bytes with the very parameters the CPU path draws for the
+    same key (so that a run's augmentation does not depend on the path); a file whose header does
+    not read is reported and replaced as ImageFolder replaces it."""
+    root = odd_folder(tmp_path)
+    (tmp_path / "b" / "garbage.JPEG").write_bytes(b"not an image")
+    ds = data.ImageFolder(root, data.TrainTransform(64), max_bad_fraction=0.5)
+    files = data.FileSamples(ds)
+    for i, (path, label) in enumerate(ds.samples):
+        seed = 1000 + i
+        raw, params, got_label, index, got_seed = files[(i, seed)]
+        if path.endswith("garbage.JPEG"):
+            assert ds.num_bad == 1 and index == (i + 1) % len(ds)
+            path, label = ds.samples[index]
+        assert raw.numpy().tobytes() == open(path, "rb").read()
+        with Image.open(path) as img:
+            assert torch.equal(params, ds.transform.draw(*img.size, random.Random(seed)))
+        if not path.endswith("truncated.JPEG"):  # its header reads: the GPU path finds it bad when decoding
+            _, cpu_params = ds.transform.load(path, random.Random(seed))  # no draft at these sizes: the same box
+            assert torch.equal(params, cpu_params)
+        assert got_label == label and got_seed == seed
+    batch = data.collate_files([files[(0, 1)], files[(1, 2)]])
+    data_, lengths, params, labels, indices, seeds = batch
+    assert data_.numel() == int(lengths.sum()) and params.shape == (2, 18) and seeds.tolist() == [1, 2]
+    assert data_[: lengths[0]].numpy().tobytes() == open(ds.samples[0][0], "rb").read()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU data path needs a CUDA GPU")
+def test_gpu_batches_match_the_cpu_path(tmp_path):
+    """One batch of the GPU path against the CPU path's samples for the same keys: labels and erase
+    boxes equal; the files nvJPEG refuses (CMYK, PNG) decoded by Pillow and so augmented to exactly
+    the CPU path's pixels (gpu_augment is exact); the truncated JPEG reported, counted and replaced
+    by exactly what the CPU path gives for its key; the others within nvJPEG's decoding differences
+    (its IDCT and chroma upsampling are not libjpeg's, test_jpeg.py), carried through the
+    augmentation: a mean absolute difference of at most 6 levels per picture."""
+    import gpu_augment
+    import jpeg
+    if not (jpeg.available() and gpu_augment.available()):
+        pytest.skip("nvJPEG or gpu_augment could not be built here")
+    root = odd_folder(tmp_path)
+    ds = data.ImageFolder(root, data.TrainTransform(64), max_bad_fraction=0.5)
+    sampler = data.EpochSampler(len(ds), shuffle=True, seed=4, batch_size=3)
+    keys = list(sampler)
+    files = data.make_loader(data.FileSamples(ds), 3, sampler, 2, True, collate_fn=data.collate_files)
+    batches = list(data.GpuBatches(files, ds, torch.device("cuda"), step.CaptureLock(), threads=3))
+    assert len(batches) == 4  # 3 threads took them in turn; they come out in the sampler's order
+    x, boxes, labels = (torch.cat(parts) for parts in zip(*((x, b, y) for (x, b), y in batches)))
+    assert x.shape == (len(ds), 3, 64, 64) and x.dtype == torch.uint8 and x.is_cuda
+    assert ds.num_bad == 1
+    refused = {"cmyk.JPEG", "png.JPEG", "truncated.JPEG"}
+    for j, key in enumerate(keys):
+        (picture, box), label = ds[key]
+        name = os.path.basename(ds.samples[key[0]][0])
+        assert int(labels[j]) == label and torch.equal(boxes[j].cpu(), box), name
+        difference = (x[j].cpu().int() - picture.int()).abs().float().mean()
+        if name in refused:
+            assert difference == 0, name
+        else:
+            assert difference <= 6, f"{name}: {difference:.2f} levels"
 
 
 def test_demo_dataset_is_written_once(tmp_path):
