@@ -1,12 +1,13 @@
 """Benchmark harnesses, one subcommand each:
-    python bench.py loader [--workers 1 8 16] [--imagenet-sizes] ...   decode + augment images/s (CPU)
-    python bench.py stages [--imagenet-sizes] ...                      where one image's CPU time goes
-    python bench.py scan [--kernels-only]                              the selective-scan kernels (GPU)
-    python train.py --benchmark [train.py's flags]                     the whole training step (GPU)
+    python bench.py loader [--workers 1 8 16] [--imagenet-sizes] [--gpu]    decode + augment images/s
+    python bench.py stages [--imagenet-sizes] ...                           where one image's CPU time goes
+    python bench.py scan [--kernels-only]                                   the selective-scan kernels (GPU)
+    python train.py --benchmark [train.py's flags]                          the whole training step (GPU)
 `python bench.py SUBCOMMAND --help` lists each one's options.
 """
 import argparse
 import io
+import itertools
 import os
 import random
 import statistics
@@ -24,7 +25,7 @@ import scan
 from data import (RANDOM_INTERPOLATIONS, EpochSampler, ImageFolder, Params, TrainTransform, apply_rand_augment,
                   load_rgb, make_loader, to_uint8_tensor)
 from model import build_model
-from step import ModelEma, TrainStep
+from step import CaptureLock, ModelEma, TrainStep
 from synthetic import IMAGENET_SIZES, make_photo_dataset
 
 # ----------------------------------------------------------------------------------------------
@@ -49,6 +50,8 @@ def add_loader_args(p):
                    help="JPEG draft mode settings to time (0 off, 1 on)")
     p.add_argument("--gpu", action="store_true", help="also time the GPU data path (nvJPEG decode + gpu_augment; "
                    "needs a CUDA GPU)")
+    p.add_argument("--data-threads", type=int, nargs="+", default=[3],
+                   help="GPU data path: decoding threads to time (data.GpuBatches' threads)")
 
 
 def time_pass(fn):
@@ -122,74 +125,36 @@ def loader_bench(args):
             gpu_loader_bench(args, sets[args.draft[0]])
 
 
-class FileBytes(torch.utils.data.Dataset):
-    """The GPU data path's worker side, for timing: a sample's file bytes and its random parameters
-    (drawn on the size read from the header, `TrainTransform.draw`); no decoding in the worker."""
-
-    def __init__(self, folder, transform):
-        self.folder, self.transform = folder, transform
-
-    def __len__(self):
-        return len(self.folder)
-
-    def __getitem__(self, key):
-        index, seed = key
-        path, label = self.folder.samples[index]
-        with open(path, "rb") as f:
-            raw = f.read()
-        with Image.open(io.BytesIO(raw)) as img:
-            w, h = img.size
-        return torch.frombuffer(bytearray(raw), dtype=torch.uint8), self.transform.draw(w, h, random.Random(seed)), label
-
-
-def collate_files(samples):
-    """[(bytes, params, label)] -> ([bytes], params (B, 18), labels (B,)): the files keep their sizes."""
-    datas, params, labels = zip(*samples)
-    return list(datas), torch.stack(params), torch.tensor(labels)
-
-
 def gpu_loader_bench(args, ds):
-    """Images/s of the GPU data path: workers read files and draw parameters, the main process
-    decodes them with nvJPEG (jpeg.py; Pillow for the files it refuses) and augments the batch on
-    the GPU (gpu_augment.py); with the host and GPU milliseconds each part takes per batch."""
+    """Images/s of the GPU data path as training runs it (data.GpuBatches: workers read files and
+    draw parameters, a thread decodes them with nvJPEG and augments them with gpu_augment), and the
+    GPU memory it takes at its peak."""
     import gpu_augment
     import jpeg
-    if not torch.cuda.is_available() or not jpeg.available():
-        return print("GPU data path: not timed (needs a CUDA GPU and nvJPEG)")
-    files = FileBytes(ds, TrainTransform(args.img_size, bool(args.randaugment), 0.25))
+    if not torch.cuda.is_available() or not (jpeg.available() and gpu_augment.available()):
+        return print("GPU data path: not timed (needs a CUDA GPU, nvJPEG and gpu_augment's kernels)")
     print(f"GPU data path: nvJPEG {'with' if jpeg.uses_engines() else 'without'} the hardware JPEG engines")
-    for workers in args.workers:
-        sampler = EpochSampler(len(files), shuffle=True, seed=0, batch_size=args.batch_size)
-        loader = torch.utils.data.DataLoader(files, batch_size=args.batch_size, sampler=sampler, num_workers=workers,
-                                             collate_fn=collate_files, drop_last=True, persistent_workers=True,
-                                             prefetch_factor=4)
-        for epoch in range(2):  # the first epoch starts the workers and builds the decoder; the second is timed
-            n, t0, parts = 0, None, dict(wait=0.0, decode=0.0, augment=0.0, augment_gpu=0.0)
-            t_next = time.perf_counter()
-            for k, (datas, params, labels) in enumerate(loader):
-                t1 = time.perf_counter()
-                images = jpeg.decode(datas, "cuda")
-                images = [im if im is not None else jpeg.decode_with_pillow(d).cuda() for im, d in zip(images, datas)]
-                t2 = time.perf_counter()
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                gpu_augment.augment(images, params.cuda(), args.img_size)
-                end.record()
-                t3 = time.perf_counter()
-                end.synchronize()
-                if t0 is not None:
-                    n += len(datas)
-                    parts["wait"] += t1 - t_next
-                    parts["decode"] += t2 - t1
-                    parts["augment"] += t3 - t2
-                    parts["augment_gpu"] += start.elapsed_time(end) / 1e3
-                if k == workers - 1:  # every worker's first batch is in: the steady state starts
-                    t0 = time.perf_counter()
-                t_next = time.perf_counter()
-        rate, batches = n / (time.perf_counter() - t0), n / args.batch_size
-        print(f"GPU data path: DataLoader, {workers} worker(s): {rate:.0f} images/s; per batch of {args.batch_size}: "
-              + ", ".join(f"{name.replace('_', ' ')} {1e3 * s / batches:.1f} ms" for name, s in parts.items()))
-        del loader
+    device = torch.device("cuda")
+    for workers, threads in itertools.product(args.workers, args.data_threads):
+        sampler = EpochSampler(len(ds), shuffle=True, seed=0, batch_size=args.batch_size)
+        files = make_loader(data.FileSamples(ds), args.batch_size, sampler, workers, True, collate_fn=data.collate_files)
+        batches = data.GpuBatches(files, ds, device, CaptureLock(), threads)
+        for _ in batches:  # the first epoch starts the (persistent) workers and the decoder; the second is timed
+            pass
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        n, t0 = 0, None
+        for k, ((x, _), _) in enumerate(batches):
+            n += x.shape[0] if t0 is not None else 0
+            if k == workers - 1:  # every worker's first batch is in: the steady state starts
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+        torch.cuda.synchronize()
+        rate = n / (time.perf_counter() - t0)
+        print(f"GPU data path: DataLoader, {workers} worker(s), {threads} thread(s): {rate:.0f} images/s; "
+              f"GPU memory at its peak {(torch.cuda.max_memory_allocated() - before) / 2**20:.0f} MiB")
+        del batches, files
 
 
 # ----------------------------------------------------------------------------------------------
@@ -453,10 +418,10 @@ def train_steps(args, world):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Benchmark harnesses: the data loader (CPU), the selective scan (GPU)")
+    p = argparse.ArgumentParser(description="Benchmark harnesses: the data loader, one image's CPU stages, the selective scan (GPU)")
     commands = p.add_subparsers(dest="command", required=True)
-    loader = commands.add_parser("loader", help="decode + augment images/s on photo-like JPEGs, with and "
-                                 "without Pillow's JPEG draft mode")
+    loader = commands.add_parser("loader", help="decode + augment images/s on photo-like JPEGs: Pillow "
+                                 "(with and without JPEG draft mode) and, with --gpu, the GPU data path")
     add_loader_args(loader)
     stages = commands.add_parser("stages", help="where one training image's CPU time goes, stage by stage")
     stages.add_argument("--images", type=int, default=500, help="JPEG files to write and time")

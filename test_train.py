@@ -8,6 +8,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from types import SimpleNamespace
 
@@ -243,6 +244,36 @@ def test_mesa_loss_is_scaled_kl():
     assert step.mesa_loss(t, t, 0.5).abs() < 1e-6
 
 
+def test_capture_lock_is_shared_by_data_threads_and_exclusive_for_a_capture():
+    """Data threads hold it together; a capture waits until they let go, and while it waits or
+    captures no thread gets in (else a long run of batches could hold it off for ever)."""
+    lock, events = step.CaptureLock(), []
+    first, second = lock.shared(), lock.shared()
+    first.__enter__(), second.__enter__()  # two holders at once: no deadlock
+
+    def capture():
+        with lock.exclusive():
+            events.append("capture")
+
+    def late_batch():
+        with lock.shared():
+            events.append("batch")
+
+    capturer = threading.Thread(target=capture)
+    capturer.start()
+    time.sleep(0.2)
+    latecomer = threading.Thread(target=late_batch)
+    latecomer.start()
+    time.sleep(0.2)
+    assert events == []  # the capture waits for the holders, the latecomer for the capture
+    first.__exit__(None, None, None)
+    time.sleep(0.1)
+    assert events == []
+    second.__exit__(None, None, None)
+    capturer.join(5), latecomer.join(5)
+    assert events == ["capture", "batch"]
+
+
 # ---------------------------------------------------------------------------------------------- whole runs
 
 def test_two_process_gloo_run_keeps_ranks_identical(demo_dir, tmp_path):
@@ -359,6 +390,8 @@ def test_benchmark_mode(capsys):
     ("window size 0", ["--window-size", "0", "0", "0", "0"], "--window-size takes 4 positive sizes"),
     ("unknown model setting", ["--model-overrides", '{{"depth": 3}}'], "unknown key(s) depth"),
     ("negative lr", ["--lr", "-1"], "--lr must be positive"),
+    pytest.param("GPU data path without a GPU", ["--gpu-data"], "--gpu-data needs a CUDA GPU",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is there")),
 ])
 def test_bad_input_gives_one_line_and_exit_2(case, flags, message, demo_dir, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
@@ -493,3 +526,36 @@ def test_fast_path_runs_a_long_recipe_with_loader_workers(tmp_path):
     assert r.stdout.count("captured") == 3  # forward + backward without and with MESA, the update
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in metrics] == list(range(40)) and all(math.isfinite(m["train_loss"]) for m in metrics)
+
+
+@gpu
+def test_gpu_data_path_resumes_after_sigkill(demo_dir, tmp_path):
+    """The default fast step with --gpu-data (nvJPEG + gpu_augment) killed with SIGKILL once its first
+    checkpoint is on disk (the end of epoch 0), then the same command: it captures again and ends where the
+    straight run ends, through MESA switching on, with the same per-step losses and final weights
+    within the fast path's rounding (as test_fast_path_follows_eager_through_the_schedule)."""
+    flags = ["--data-dir", demo_dir, *TINY_FLAGS, "--drop-path-rate", "0", "--amp", "none", "--step-log",
+             "--gpu-data"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    r = run_train(*flags, "--output-dir", str(straight), gpu=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "decoded and augmented on the GPU" in r.stdout
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), *flags, "--output-dir", str(killed)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ, PYTHONPATH=HERE),
+                            cwd=HERE)
+    deadline = time.time() + 300
+    while not (killed / "last.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert load(killed / "last.pt")["step"] < 39
+    r = run_train(*flags, "--output-dir", str(killed), gpu=True, timeout=600)
+    assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr[-3000:]
+    logs = [{s["step"]: s for s in log} for log in step_logs(straight, killed)]  # the killed run logs some steps twice
+    assert sorted(logs[0]) == sorted(logs[1]) == list(range(39))
+    worst = max(abs(logs[0][k]["loss"] - logs[1][k]["loss"]) / abs(logs[0][k]["loss"]) for k in range(39))
+    assert worst < 1e-2, f"per-step losses differ by up to {worst:.2e} (relative)"
+    ckpts = [load(run / "last.pt") for run in (straight, killed)]
+    for part in ("model", "ema"):
+        a, b = (torch.cat([v.flatten() for v in c[part].values() if v.is_floating_point()]) for c in ckpts)
+        assert (a - b).norm() < 2e-2 * a.norm(), f"{part}: {float((a - b).norm() / a.norm()):.2e} (relative norm)"

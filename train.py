@@ -37,7 +37,7 @@ import data
 import synthetic
 from eval import evaluate as evaluation_sums
 from model import _ARCH_KEYS, VARIANTS, MambaVision, build_model
-from step import Lamb, ModelEma, TrainStep, param_groups
+from step import CAPTURE_LOCK, Lamb, ModelEma, TrainStep, param_groups
 
 # The official ImageNet-1K recipe per variant, as the official release's training configs give it.
 #         drop_path_rate, weight_decay, warmup_epochs, mesa (weight), mesa_start (fraction of epochs)
@@ -129,6 +129,8 @@ def get_parser():
                    help="autocast dtype (default bf16 on GPU, none on CPU); fp16 scales the loss")
     p.add_argument("--eager", action="store_true", help="turn the GPU's fast path off (torch.compile "
                    "and CUDA graphs of the whole step): plain PyTorch, for debugging")
+    p.add_argument("--gpu-data", action="store_true", help="decode (nvJPEG) and augment (gpu_augment) training "
+                   "images on the GPU instead of with Pillow in the loader workers; see README for when it pays")
     p.add_argument("--compile", "--cuda-graph", dest="legacy_fast_flag", action="store_true",
                    help=argparse.SUPPRESS)  # the fast path is the default now; accepted and ignored
     p.add_argument("--save-minutes", type=float, default=30.0, help="also write last.pt every N minutes")
@@ -442,9 +444,31 @@ def build_data(args, rank, world, device):
     train_sampler = data.EpochSampler(len(train_set), world, rank, shuffle=True, seed=args.seed,
                                       batch_size=args.batch_size, accum_steps=args.accum_steps)
     val_sampler = data.EpochSampler(len(val_set), world, rank, shuffle=False, seed=args.seed)
-    train_loader = data.make_loader(train_set, args.batch_size, train_sampler, args.workers, True, device.type)
+    if gpu_data_path(args, device):
+        files = data.make_loader(data.FileSamples(train_set), args.batch_size, train_sampler, args.workers, True,
+                                 collate_fn=data.collate_files)
+        train_loader = data.GpuBatches(files, train_set, device, CAPTURE_LOCK)
+    else:
+        train_loader = data.make_loader(train_set, args.batch_size, train_sampler, args.workers, True, device.type)
     val_loader = data.make_loader(val_set, args.batch_size, val_sampler, args.workers, False, device.type)
     return train_set, val_set, train_sampler, train_loader, val_loader
+
+
+def gpu_data_path(args, device):
+    """Whether training images are decoded (nvJPEG) and augmented (gpu_augment) on the GPU: with
+    --gpu-data on CUDA. Where its kernels could not be built (one warning), Pillow in the loader
+    workers does it, as without the flag."""
+    if not args.gpu_data:
+        return False
+    if device.type != "cuda":
+        raise UsageError("--gpu-data needs a CUDA GPU: drop it to decode and augment with Pillow")
+    import gpu_augment
+    import jpeg
+    if jpeg.available(device) and gpu_augment.available(device):
+        return True
+    print("--gpu-data: the GPU data path is not available (see the warning above): training images are "
+          "decoded and augmented by Pillow in the loader workers", file=sys.stderr)
+    return False
 
 
 def next_micro_batches(batches, args, rank, step, device):
@@ -593,7 +617,9 @@ def train(args, checkpoint, rank, world, device, stop):
     log("configuration:\n" + "\n".join(f"  {k}: {v}" for k, v in config.items()))
     log(f"model {args.variant}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
         f"{len(classes)} classes; {len(train_set)} train / {len(val_set)} val images; {world} process(es) on "
-        f"{device.type}, {'fast path (torch.compile + CUDA graphs)' if fast else 'eager'}; {spe} steps per epoch")
+        f"{device.type}, {'fast path (torch.compile + CUDA graphs)' if fast else 'eager'}; {spe} steps per epoch; "
+        f"training images decoded and augmented {'on the GPU' if isinstance(train_loader, data.GpuBatches) else 'by Pillow'} "
+        f"({args.workers} loader workers)")
     if master:
         write_text_atomic(os.path.join(args.output_dir, "config.json"), json.dumps(config, indent=1))
         write_metrics(args.output_dir, state["metrics"])
