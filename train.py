@@ -615,11 +615,12 @@ def train(args, checkpoint, rank, world, device, stop):
     config = plain({k: v for k, v in vars(args).items() if k not in ("resume", "benchmark", "legacy_fast_flag")})
     train_step = TrainStep(model, ema, optimizer, args, len(classes), world, fast, log)
     log("configuration:\n" + "\n".join(f"  {k}: {v}" for k, v in config.items()))
+    gpu_data = isinstance(train_loader, data.GpuBatches)
     log(f"model {args.variant}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
         f"{len(classes)} classes; {len(train_set)} train / {len(val_set)} val images; {world} process(es) on "
         f"{device.type}, {'fast path (torch.compile + CUDA graphs)' if fast else 'eager'}; {spe} steps per epoch; "
-        f"training images decoded and augmented {'on the GPU' if isinstance(train_loader, data.GpuBatches) else 'by Pillow'} "
-        f"({args.workers} loader workers)")
+        f"training images decoded and augmented {'on the GPU' if gpu_data else 'by Pillow'} ({args.workers} loader "
+        f"workers)")
     if master:
         write_text_atomic(os.path.join(args.output_dir, "config.json"), json.dumps(config, indent=1))
         write_metrics(args.output_dir, state["metrics"])
