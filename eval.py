@@ -642,6 +642,7 @@ def setup(args):
     if world_size > 1:
         if args.throughput:
             raise EvalError("--throughput measures one device: run it with python, not torchrun")
+        from torch import _dynamo  # noqa: F401  (before the group, as train.setup_distributed says why)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if args.dtype is None:
         args.dtype = "bf16" if device.type == "cuda" else "fp32"

@@ -266,6 +266,10 @@ def setup_distributed():
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world > 1:
+        # Before the group: torch._dynamo (imported by the first optimizer) imports modules whose default
+        # arguments hold the group; imported after it, they keep it past destroy_process_group, and gloo's
+        # threads, still running, crash the interpreter's exit (torch 2.13, one CPU run in a few).
+        from torch import _dynamo  # noqa: F401
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device
                                 if device.type == "cuda" else None)
     return rank, world, device
