@@ -320,3 +320,22 @@ def test_engines_used_where_the_gpu_has_them(gpu):
     if not any(n in name for n in ("A100", "H100", "H200", "H800", "A800", "GH200")) or "MIG" in name:
         pytest.skip(f"{name}: not known to have JPEG engines")
     assert jpeg.uses_engines(), f"{name} has JPEG engines, but nvJPEG's hardware backend could not start"
+
+
+@cuda
+@ENGINES
+def test_decode_waits_for_work_queued_on_its_stream(gpu, hardware):
+    """The outputs may be blocks just freed on the stream while queued kernels still read them (PyTorch's caching
+    allocator hands a block on at once within its stream): the decode must not write them before those kernels
+    ran. The JPEG engines write when called, not in stream order, so jpeg_cuda.cu waits for the stream first."""
+    b = photo_jpeg(500, 375, 90)
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        for trial in range(10):
+            held = torch.full((3, 375, 500), 7, dtype=torch.uint8, device=gpu)  # the output's size and stream
+            torch.cuda._sleep(20_000_000)  # keeps the stream busy for several ms
+            total = held.sum(dtype=torch.int64)  # queued behind the sleep: reads `held`
+            del held  # freed while that read is queued: the decode's output may take its block
+            (got,) = jpeg.decode([as_tensor(b)], gpu, hardware)
+            assert total.item() == 7 * 3 * 375 * 500, f"trial {trial}: the decode wrote before queued work read"
+            assert_close(got, b, "420")
