@@ -6,16 +6,17 @@
     torchrun --nproc_per_node=1 train.py --variant t                             # built-in demo, CPU ok
     python train.py --variant t --benchmark                                      # time training steps
 
-The loop (train) reads top to bottom: set-up, resume, then for each epoch, for each step: learning
-rate, batch, step, log, save when due; then evaluate, save. One step (step.py) is forward, loss,
-backward, clip, LAMB and EMA; on a CUDA GPU it is compiled and replayed as CUDA graphs (--eager
-turns that off). Several processes (torchrun) average gradients and BatchNorm statistics after each
-backward (NCCL on GPUs, gloo on CPU); rank 0 prints and saves.
+The file starts with the run: main, then the loop (train) top to bottom: set-up and resume, then
+for each epoch its steps (train_one_epoch: learning rate, batch, step, log, save when due), then
+evaluate and save (end_epoch); the settings, processes, checkpoints and data follow. One step
+(step.py) is forward, loss, backward, clip, LAMB and EMA; on a CUDA GPU it is compiled and replayed
+as CUDA graphs (--eager turns that off). Several processes (torchrun) average gradients and
+BatchNorm statistics after each backward (NCCL on GPUs, gloo on CPU); rank 0 prints and saves.
 Re-running the same command resumes from <output-dir>/last.pt, mid-epoch included, also on another
 number of GPUs as long as the global batch (GPUs x --batch-size x --accum-steps) is the same.
-SIGTERM or Ctrl-C saves last.pt first (at the current step; under torchrun within 10 steps). Every random choice is a function of
-(seed, rank, step) or (seed, epoch, position), so a resumed run follows exactly the path of an
-uninterrupted one (bit-identical on CPU with deterministic kernels).
+SIGTERM or Ctrl-C saves last.pt first (at the current step; under torchrun within 10 steps). Every
+random choice is a function of (seed, rank, step) or (seed, epoch, position), so a resumed run
+follows exactly the path of an uninterrupted one (bit-identical on CPU with deterministic kernels).
 """
 import argparse
 import fcntl
@@ -29,6 +30,8 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable, Iterable
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -79,6 +82,372 @@ class UsageError(Exception):
 
 class TrainingError(Exception):
     """The run cannot go on (e.g. the loss keeps diverging): printed as one line, exit code 1."""
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    lock = None
+    try:
+        if args.benchmark:
+            import bench
+            return bench.train_steps(args, world)
+        checkpoint, lock = prepare(args, rank, world)  # before the process group: errors stay one line
+        rank, world, device = setup_distributed()
+        stop = StopSignal()
+        try:
+            train(args, checkpoint, rank, world, device, stop)
+        finally:
+            stop.restore()
+    except (UsageError, data.DataError, TrainingError) as e:
+        # an error raised in a loader worker arrives with the worker's traceback: keep its last line
+        message = str(e).strip().splitlines()[-1].removeprefix("data.DataError: ")
+        if rank == 0 or not isinstance(e, UsageError):  # a usage error is the same on every rank
+            print(f"error: {message}" if world == 1 else f"error (rank {rank}): {message}", file=sys.stderr)
+        sys.exit(1 if isinstance(e, TrainingError) else 2)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        if lock is not None:  # now: an exception's traceback would keep the file, and the lock, alive
+            lock.close()      # after main returns (train.main called in-process, as the tests do)
+
+
+def prepare(args, rank, world):
+    """Settings, folders and the checkpoint to resume, all checked before any process group starts."""
+    args.demo = args.data_dir is None
+    variant = args.variant or "t"
+    args.output_dir = os.path.abspath(args.output_dir or os.path.join("runs", variant + ("_demo" if args.demo else "")))
+    if os.path.isfile(args.output_dir):
+        raise UsageError(f"--output-dir {args.output_dir} is a file: pass a folder")
+    lock = lock_output_dir(args.output_dir) if rank == 0 else None
+    try:
+        return prepare_locked(args, world), lock
+    except BaseException:
+        if lock is not None:  # a refused run frees the folder at once (see main)
+            lock.close()
+        raise
+
+
+def prepare_locked(args, world):
+    """prepare() with the output folder held: the checkpoint to resume, the settings, the data folder."""
+    last = os.path.join(args.output_dir, "last.pt")
+    resume = args.resume or (last if os.path.isfile(last) else None)
+    checkpoint = load_checkpoint(resume) if resume else None
+    if checkpoint is not None:
+        checkpoint["path"] = resume
+    resolve_config(args, world, checkpoint["config"] if checkpoint else None)
+    args.data_dir = os.path.abspath(args.data_dir or DEMO_DIR)
+    if args.demo and checkpoint is None:
+        try:
+            synthetic.make_demo_dataset(args.data_dir)  # once; concurrent writers on one machine are safe
+        except OSError as e:
+            raise UsageError(f"cannot write the demo set to {args.data_dir} ({e.strerror or e}): run from a "
+                             f"writable folder, or pass --data-dir") from None
+    if not os.path.isdir(args.data_dir):
+        raise UsageError(f"data folder {args.data_dir} does not exist: pass --data-dir holding train/ and val/")
+    for split in ("train", "val"):
+        if not os.path.isdir(os.path.join(args.data_dir, split)):
+            raise UsageError(f"no {split}/ folder in {args.data_dir}: expected {args.data_dir}/train/<class>/ "
+                             f"and {args.data_dir}/val/<class>/ (pass the right --data-dir)")
+    return checkpoint
+
+
+class Run(NamedTuple):
+    """What one training run is made of, built once by set_up; the loop's counters live apart, in `state`."""
+    args: argparse.Namespace
+    config: dict                # the resolved settings, as config.json and every checkpoint hold them
+    rank: int
+    world: int
+    device: torch.device
+    log: Callable               # print on rank 0, nothing elsewhere
+    train_set: data.ImageFolder
+    val_set: data.ImageFolder
+    sampler: data.EpochSampler
+    train_loader: Iterable      # ((uint8 pictures, erase boxes), labels) batches
+    val_loader: Iterable
+    model: MambaVision
+    ema: ModelEma | None
+    optimizer: Lamb
+    step: TrainStep
+
+
+def train(args, checkpoint, rank, world, device, stop):
+    """The loop: set-up and resume, then for each epoch its steps (train_one_epoch: learning rate,
+    batch, step, log, save when due), then evaluate the model and its EMA, save, one line of metrics
+    (end_epoch)."""
+    run, state = set_up(args, checkpoint, rank, world, device)
+    last_save = time.time()  # `stop` has caught signals since before the set-up: one arriving then is kept
+    for epoch in range(state["epoch"], args.epochs):
+        if args.max_steps is not None and state["step"] >= args.max_steps:
+            break
+        state, last_save = train_one_epoch(run, epoch, state, stop, last_save)
+        if state["epoch_step"] < run.sampler.steps_per_epoch:  # stopped by --max-steps mid-epoch
+            save(run, state, "last.pt")
+            break
+        state = end_epoch(run, epoch, state)
+        last_save = time.time()
+    run.log(f"done: best top-1 {state['best_top1']:.2f}; checkpoints in {args.output_dir}")
+
+
+def set_up(args, checkpoint, rank, world, device):
+    """Data, model, EMA, optimizer and the step, the checkpoint's state loaded into them when resuming;
+    config.json written. Returns (Run, the counters)."""
+    log = print if rank == 0 else (lambda *a, **k: None)
+    args.amp = args.amp or ("bf16" if device.type == "cuda" else "none")
+    fast = device.type == "cuda" and not args.eager
+    if args.deterministic:
+        torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = not args.deterministic
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if args.demo:
+        log(f"no --data-dir: training on the built-in demo set in {args.data_dir} (10 texture classes, "
+            f"written once) with the demo settings {DEMO}")
+    train_set, val_set, sampler, train_loader, val_loader = build_data(args, rank, world, device)
+    classes, spe = train_set.classes, sampler.steps_per_epoch
+    torch.manual_seed(args.seed)
+    if checkpoint is not None:
+        model = MambaVision(**checkpoint["model_args"])
+    else:
+        model = build_model(args.variant, len(classes), drop_path_rate=args.drop_path_rate, **model_overrides(args))
+    model = model.to(device, memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, args)
+    ema = ModelEma(model, args.ema_decay) if args.ema_decay > 0 else None
+    # the run's counters; `sums` are the current epoch's (a mid-epoch checkpoint carries them)
+    state = dict(epoch=0, epoch_step=0, step=0, images=0, best_top1=0.0, val_top1=None, metrics=[], bad_steps=0,
+                 sums=EPOCH_SUMS)
+    if checkpoint is not None:
+        state = resume(checkpoint, args, model, ema, optimizer, classes, spe, rank, state, log)
+    args.steps_per_epoch = spe
+    config = plain({k: v for k, v in vars(args).items() if k not in ("resume", "benchmark", "legacy_fast_flag")})
+    step = TrainStep(model, ema, optimizer, args, len(classes), world, fast, log)
+    log("configuration:\n" + "\n".join(f"  {k}: {v}" for k, v in config.items()))
+    on_gpu = isinstance(train_loader, data.GpuBatches)
+    log(f"model {args.variant}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
+        f"{len(classes)} classes; {len(train_set)} train / {len(val_set)} val images; {world} process(es) on "
+        f"{device.type}, {'fast path (torch.compile + CUDA graphs)' if fast else 'eager'}; {spe} steps per epoch; "
+        f"training images decoded and augmented {'on the GPU' if on_gpu else 'by Pillow'} ({args.workers} loader "
+        f"workers)")
+    if rank == 0:
+        write_text_atomic(os.path.join(args.output_dir, "config.json"), json.dumps(config, indent=1))
+        write_metrics(args.output_dir, state["metrics"])
+    return Run(args, config, rank, world, device, log, train_set, val_set, sampler, train_loader, val_loader,
+               model, ema, optimizer, step), state
+
+
+def train_one_epoch(run, epoch, state, stop, last_save):
+    """The epoch's steps from state["epoch_step"] on: learning rate, batch, step; every READ_EVERY
+    steps the results are read (and logged), a timed save or a signal's save made. Returns (state,
+    time of the last save); on a signal, saves and exits with 128 + its number."""
+    from tqdm import tqdm
+    args, spe = run.args, run.sampler.steps_per_epoch
+    use_mesa = run.ema is not None and args.mesa > 0 and epoch / args.epochs > args.mesa_start
+    run.sampler.set_epoch(epoch)
+    # k steps into the epoch, the first k x global batch positions are used, on any world size
+    run.sampler.set_position(state["epoch_step"] * args.batch_size * args.accum_steps)
+    run.model.train()
+    t0, batches, pending = time.time(), iter(run.train_loader), []
+    with tqdm(total=spe, initial=state["epoch_step"], desc=f"epoch {epoch}", disable=run.rank != 0,
+              dynamic_ncols=True) as bar:
+        for k in range(state["epoch_step"], spe):
+            if args.max_steps is not None and state["step"] >= args.max_steps:
+                break
+            lr = lr_at(epoch + k / spe, args)
+            micro_batches, wait = next_micro_batches(batches, args, run.rank, state["step"], run.device)
+            result = run.step(micro_batches, lr, use_mesa)  # (loss, grad norm, finite), still on the GPU
+            pending.append(dict(step=state["step"], lr=lr, wait=wait, time=time.time(), result=result))
+            state = count_step(state, args, epoch, k, wait, time.time() - t0)
+            t0 = time.time()
+            bar.update(1)
+            read_now = (state["step"] % READ_EVERY == 0 or k == spe - 1 or state["step"] == args.max_steps
+                        or (run.world == 1 and stop.signum))  # several ranks agree on a signal at a reading
+            if not read_now:
+                continue
+            state, loss = read_results(state, pending, args, run.device, run.rank == 0, run.log)
+            pending, sums = [], state["sums"]
+            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", img_s=f"{sums['images'] / sums['seconds']:.0f}",
+                            data_ms=f"{1000 * sums['data_wait'] / sums['steps']:.1f}")  # mean wait a step
+            signum = stop.agreed(run.device)
+            if signum or (state["step"] % (2 * READ_EVERY) == 0 and due(last_save, args, run.device)):
+                last_save = save(run, state, "last.pt")
+                if signum:
+                    run.log(f"\nstopped by signal {signum} at step {state['step']}: saved last.pt; run the same "
+                            f"command to resume")
+                    sys.exit(128 + signum)
+    return state, last_save
+
+
+def end_epoch(run, epoch, state):
+    """The epoch's end: evaluate the model and its EMA, save last.pt (and best.pt), one line of
+    metrics. Returns the state of the next epoch's start."""
+    args, model, ema, device = run.args, run.model, run.ema, run.device
+    check_replicas_in_sync(model, "weights and BatchNorm statistics")
+    top1, top5 = evaluate(model, run.val_loader, device, args.amp)
+    ema_top1, ema_top5 = evaluate(ema.module, run.val_loader, device, args.amp) if ema is not None else (None, None)
+    if ema is not None:
+        check_replicas_in_sync(ema.module, "EMA weights")
+    metrics = epoch_metrics(state, args, epoch, run.sampler.steps_per_epoch, top1, top5, ema_top1, ema_top5, device,
+                            bad_images=run.train_set.num_bad + run.val_set.num_bad)
+    is_best = metrics["best_top1"] > state["best_top1"]
+    state = state | dict(epoch=epoch + 1, epoch_step=0, best_top1=metrics["best_top1"], sums=EPOCH_SUMS,
+                         metrics=state["metrics"] + [metrics], val_top1=dict(model=top1, ema=ema_top1))
+    save(run, state, "last.pt", also="best.pt" if is_best else None)
+    if run.rank == 0:
+        write_metrics(args.output_dir, state["metrics"])
+    run.log(f"epoch {epoch}: train loss {metrics['train_loss']:.4f}, val top-1 {top1:.2f} top-5 {top5:.2f}"
+            + (f", weights{' and EMA' if ema is not None else ''} identical on {run.world} ranks"
+               if run.world > 1 else "")
+            + (f", EMA top-1 {ema_top1:.2f} top-5 {ema_top5:.2f}" if ema is not None else "")
+            + f"; data wait {metrics['data_wait_ms_per_step']:.1f} ms a step, "
+              f"{100 * metrics['data_wait_fraction']:.0f}% of training time ({metrics['epoch_seconds']:.0f} s)")
+    return state
+
+
+def save(run, state, name, also=None):
+    """Write <output-dir>/name (rank 0; every rank gives its RNG state), and link `also` to it.
+    Returns the time of the save."""
+    model, ema = run.model, run.ema
+    check_finite({"model": model} | ({"EMA": ema.module} if ema is not None else {}))
+    rngs = [None] * run.world
+    if dist.is_initialized():
+        dist.all_gather_object(rngs, rng_state())
+    else:
+        rngs = [rng_state()]
+    if run.rank == 0:
+        path = os.path.join(run.args.output_dir, name)
+        save_atomic(dict(variant=run.args.variant, model_args=plain(model.model_args), classes=run.train_set.classes,
+                         model=model.state_dict(), ema=ema.module.state_dict() if ema is not None else None,
+                         optimizer=run.optimizer.state_dict(), config=run.config, rng=rngs, **state), path)
+        if also:  # the same bytes under a second name: a hard link, or a copy where links fail
+            link_atomic(path, os.path.join(run.args.output_dir, also))
+    return time.time()
+
+
+def count_step(state, args, epoch, k, wait, seconds):
+    """The run's counters after step k of the epoch (a new state); its loss comes in read_results."""
+    images, sums = args.accum_steps * args.batch_size * args.world_size, state["sums"]
+    sums = sums | dict(steps=sums["steps"] + 1, images=sums["images"] + images, seconds=sums["seconds"] + seconds,
+                       data_wait=sums["data_wait"] + wait)
+    return state | dict(epoch=epoch, epoch_step=k + 1, step=state["step"] + 1, images=state["images"] + images,
+                        sums=sums)
+
+
+def read_results(state, pending, args, device, master, log):
+    """Read the pending steps' (loss, grad norm, finite) from the GPU, one wait for all of them, and
+    count them: a non-finite step is warned about, too many in a row stop the run. Returns the new
+    state and the last step's loss; with --step-log, writes their lines."""
+    values = torch.stack([p["result"] for p in pending]).tolist()
+    bad_steps, sums = state["bad_steps"], state["sums"]
+    for p, (loss, _, finite) in zip(pending, values):
+        bad_steps = 0 if finite else bad_steps + 1
+        if not finite and args.amp != "fp16":  # fp16's loss scale skips overflows by design
+            log(f"warning: non-finite loss or gradient at step {p['step']} (loss {loss}): step skipped, the "
+                f"network unchanged ({bad_steps} in a row)")
+        if bad_steps >= args.max_bad_steps:
+            raise TrainingError(f"{bad_steps} non-finite steps in a row at step {p['step']}: lower --lr, use "
+                                f"--amp bf16, or resume from an earlier checkpoint")
+        sums = sums | dict(loss=sums["loss"] + (loss if finite else 0.0), finite=sums["finite"] + int(finite))
+    if args.step_log:
+        write_step_log(args, pending, values, device, master)
+    return state | dict(bad_steps=bad_steps, sums=sums), values[-1][0]
+
+
+def epoch_metrics(state, args, epoch, spe, top1, top5, ema_top1, ema_top5, device, bad_images):
+    """The epoch's line of metrics.jsonl, from its running sums (data waits summed over the ranks)."""
+    sums = state["sums"]
+    wait, steps_run = all_reduce_sum([sums["data_wait"], sums["steps"]], device)
+    return dict(epoch=epoch, step=state["step"], lr=lr_at(epoch + (spe - 1) / spe, args),
+                train_loss=sums["loss"] / max(sums["finite"], 1), top1=top1, top5=top5, ema_top1=ema_top1,
+                ema_top5=ema_top5, best_top1=max(top1, ema_top1 or 0.0, state["best_top1"]),
+                train_images_per_s=sums["images"] / max(sums["seconds"], 1e-9),
+                data_wait_ms_per_step=1000 * wait / max(steps_run, 1),
+                data_wait_fraction=wait / args.world_size / max(sums["seconds"], 1e-9),
+                epoch_seconds=sums["seconds"], bad_images=bad_images)
+
+
+def resume(checkpoint, args, model, ema, optimizer, classes, spe, rank, state, log):
+    """Load the checkpoint's weights, EMA, optimizer and counters into this run, after checking that
+    it is the same run: same classes (by name), same global batch (checked with the settings)."""
+    path = checkpoint["path"]
+    if checkpoint["classes"] != classes:
+        gone, new = sorted(set(checkpoint["classes"]) - set(classes)), sorted(set(classes) - set(checkpoint["classes"]))
+        detail = (f"missing now: {', '.join(gone[:5])}; new: {', '.join(new[:5])}" if gone or new
+                  else "the same names in another order")
+        raise UsageError(f"{path} was trained on other classes than {args.data_dir} holds ({detail}): the labels "
+                         f"would shift; resume on the same class folders, or use a new --output-dir")
+    try:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        if ema is not None:
+            ema.module.load_state_dict(checkpoint["ema"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:
+        raise UsageError(f"{path} does not fit its own model_args ({str(e).splitlines()[0][:100]}): "
+                         f"delete it or pass another --resume") from None
+    state = {k: checkpoint.get(k, v) for k, v in state.items()}
+    old = checkpoint["config"]
+    if old["steps_per_epoch"] != spe:  # images were added or removed: the schedule counts epochs
+        done = round(state["epoch_step"] * spe / old["steps_per_epoch"])
+        log(f"notice: the training set now gives {spe} steps an epoch (was {old['steps_per_epoch']}): epoch "
+            f"{state['epoch']} goes on at step {done} of {spe}, with the new set's order")
+        state["epoch_step"] = done
+    extend_schedule(args, old, state["epoch"] + state["epoch_step"] / spe, log)
+    if rank < len(checkpoint.get("rng") or []):  # ranks new to the run start from torch.manual_seed(seed)
+        set_rng_state(checkpoint["rng"][rank])
+    split = (old["world_size"], old["batch_size"], old["accum_steps"])
+    log(f"resumed from {path}: epoch {state['epoch']}, step {state['step']}, {state['images']} images"
+        + (f" (global batch {global_batch(old)} as {' x '.join(map(str, split))} processes x batch x micro-steps, "
+           f"now {args.world_size} x {args.batch_size} x {args.accum_steps})"
+           if split != (args.world_size, args.batch_size, args.accum_steps) else ""))
+    return state
+
+
+def due(last_save, args, device):
+    """Is a timed save due? Rank 0's clock decides for every rank (saving needs all of them)."""
+    flag = torch.tensor([time.time() - last_save > 60 * args.save_minutes], device=device)
+    if dist.is_initialized():
+        dist.broadcast(flag, 0)
+    return bool(flag)
+
+
+def write_metrics(output_dir, metrics):
+    """metrics.jsonl anew from the checkpoint's list: each epoch's line exactly once, whatever was killed."""
+    write_text_atomic(os.path.join(output_dir, "metrics.jsonl"), "".join(json.dumps(m) + "\n" for m in metrics))
+
+
+def write_text_atomic(path, text):
+    """A temporary file, then a rename: a kill leaves the old file. A failed write (a full disk) is
+    one line, exit 1, like a checkpoint's: the checkpoints were saved before, and the file is
+    written anew from them when the run resumes."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise TrainingError(f"cannot write {path} ({e.strerror or e}); the checkpoints are intact: free space, "
+                            f"then run the same command to resume") from None
+
+
+def write_step_log(args, pending, values, device, master):
+    """Lines of <output-dir>/steps.jsonl, one a step: its loss and data wait averaged over the ranks
+    (so 1, 2 or 4 processes at the same global batch log comparable numbers), lr, gradient norm,
+    and the wall-clock time at which the step was queued (differences: seconds a step)."""
+    sums = all_reduce_sum([x for p, v in zip(pending, values) for x in (v[0], p["wait"])], device)
+    if master:
+        lines = [dict(step=p["step"], lr=p["lr"], loss=loss_sum / args.world_size, grad_norm=v[1],
+                      data_wait_ms=1000 * wait_sum / args.world_size, time=p["time"])
+                 for p, v, loss_sum, wait_sum in zip(pending, values, sums[0::2], sums[1::2])]
+        path = os.path.join(args.output_dir, "steps.jsonl")
+        try:
+            with open(path, "a") as f:
+                f.write("".join(json.dumps(line) + "\n" for line in lines))
+        except OSError as e:  # one line, exit 1, as for the other files
+            raise TrainingError(f"cannot write {path} ({e.strerror or e}); the last checkpoint is intact: free "
+                                f"space, then run the same command to resume") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -508,328 +877,6 @@ def evaluate(model, loader, device, amp):
         dist.all_reduce(sums)
     _, correct1, correct5, count = sums.tolist()
     return 100 * correct1 / count, 100 * correct5 / count
-
-
-# ----------------------------------------------------------------------------------------------
-# The run
-
-def main(argv=None):
-    args = get_parser().parse_args(argv)
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    lock = None
-    try:
-        if args.benchmark:
-            import bench
-            return bench.train_steps(args, world)
-        checkpoint, lock = prepare(args, rank, world)  # before the process group: errors stay one line
-        rank, world, device = setup_distributed()
-        stop = StopSignal()
-        try:
-            train(args, checkpoint, rank, world, device, stop)
-        finally:
-            stop.restore()
-    except (UsageError, data.DataError, TrainingError) as e:
-        # an error raised in a loader worker arrives with the worker's traceback: keep its last line
-        message = str(e).strip().splitlines()[-1].removeprefix("data.DataError: ")
-        if rank == 0 or not isinstance(e, UsageError):  # a usage error is the same on every rank
-            print(f"error: {message}" if world == 1 else f"error (rank {rank}): {message}", file=sys.stderr)
-        sys.exit(1 if isinstance(e, TrainingError) else 2)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        if lock is not None:  # now: an exception's traceback would keep the file, and the lock, alive
-            lock.close()      # after main returns (train.main called in-process, as the tests do)
-
-
-def prepare(args, rank, world):
-    """Settings, folders and the checkpoint to resume, all checked before any process group starts."""
-    args.demo = args.data_dir is None
-    variant = args.variant or "t"
-    args.output_dir = os.path.abspath(args.output_dir or os.path.join("runs", variant + ("_demo" if args.demo else "")))
-    if os.path.isfile(args.output_dir):
-        raise UsageError(f"--output-dir {args.output_dir} is a file: pass a folder")
-    lock = lock_output_dir(args.output_dir) if rank == 0 else None
-    try:
-        return prepare_locked(args, world), lock
-    except BaseException:
-        if lock is not None:  # a refused run frees the folder at once (see main)
-            lock.close()
-        raise
-
-
-def prepare_locked(args, world):
-    """prepare() with the output folder held: the checkpoint to resume, the settings, the data folder."""
-    last = os.path.join(args.output_dir, "last.pt")
-    resume = args.resume or (last if os.path.isfile(last) else None)
-    checkpoint = load_checkpoint(resume) if resume else None
-    if checkpoint is not None:
-        checkpoint["path"] = resume
-    resolve_config(args, world, checkpoint["config"] if checkpoint else None)
-    args.data_dir = os.path.abspath(args.data_dir or DEMO_DIR)
-    if args.demo and checkpoint is None:
-        try:
-            synthetic.make_demo_dataset(args.data_dir)  # once; concurrent writers on one machine are safe
-        except OSError as e:
-            raise UsageError(f"cannot write the demo set to {args.data_dir} ({e.strerror or e}): run from a "
-                             f"writable folder, or pass --data-dir") from None
-    if not os.path.isdir(args.data_dir):
-        raise UsageError(f"data folder {args.data_dir} does not exist: pass --data-dir holding train/ and val/")
-    for split in ("train", "val"):
-        if not os.path.isdir(os.path.join(args.data_dir, split)):
-            raise UsageError(f"no {split}/ folder in {args.data_dir}: expected {args.data_dir}/train/<class>/ "
-                             f"and {args.data_dir}/val/<class>/ (pass the right --data-dir)")
-    return checkpoint
-
-
-def train(args, checkpoint, rank, world, device, stop):
-    """Set-up, resume, then for each epoch, for each step: learning rate, batch, step, log, save
-    when due; then evaluate, save, one line of metrics."""
-    from tqdm import tqdm
-    master = rank == 0
-    log = print if master else (lambda *a, **k: None)
-    args.amp = args.amp or ("bf16" if device.type == "cuda" else "none")
-    fast = device.type == "cuda" and not args.eager
-    if args.deterministic:
-        torch.use_deterministic_algorithms(True)
-    torch.backends.cudnn.benchmark = not args.deterministic
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if args.demo:
-        log(f"no --data-dir: training on the built-in demo set in {args.data_dir} (10 texture classes, "
-            f"written once) with the demo settings {DEMO}")
-
-    # --- set-up: data, model, EMA, optimizer, the step
-    train_set, val_set, sampler, train_loader, val_loader = build_data(args, rank, world, device)
-    classes, spe = train_set.classes, sampler.steps_per_epoch
-    torch.manual_seed(args.seed)
-    if checkpoint is not None:
-        model = MambaVision(**checkpoint["model_args"])
-    else:
-        model = build_model(args.variant, len(classes), drop_path_rate=args.drop_path_rate, **model_overrides(args))
-    model = model.to(device, memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, args)
-    ema = ModelEma(model, args.ema_decay) if args.ema_decay > 0 else None
-    # the run's counters; `sums` are the current epoch's (a mid-epoch checkpoint carries them)
-    state = dict(epoch=0, epoch_step=0, step=0, images=0, best_top1=0.0, val_top1=None, metrics=[], bad_steps=0,
-                 sums=EPOCH_SUMS)
-
-    # --- resume
-    if checkpoint is not None:
-        state = resume(checkpoint, args, model, ema, optimizer, classes, spe, rank, state, log)
-    args.steps_per_epoch = spe
-    config = plain({k: v for k, v in vars(args).items() if k not in ("resume", "benchmark", "legacy_fast_flag")})
-    train_step = TrainStep(model, ema, optimizer, args, len(classes), world, fast, log)
-    log("configuration:\n" + "\n".join(f"  {k}: {v}" for k, v in config.items()))
-    gpu_data = isinstance(train_loader, data.GpuBatches)
-    log(f"model {args.variant}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
-        f"{len(classes)} classes; {len(train_set)} train / {len(val_set)} val images; {world} process(es) on "
-        f"{device.type}, {'fast path (torch.compile + CUDA graphs)' if fast else 'eager'}; {spe} steps per epoch; "
-        f"training images decoded and augmented {'on the GPU' if gpu_data else 'by Pillow'} ({args.workers} loader "
-        f"workers)")
-    if master:
-        write_text_atomic(os.path.join(args.output_dir, "config.json"), json.dumps(config, indent=1))
-        write_metrics(args.output_dir, state["metrics"])
-
-    def save(name, also=None):
-        check_finite({"model": model} | ({"EMA": ema.module} if ema is not None else {}))
-        rngs = [None] * world
-        if dist.is_initialized():
-            dist.all_gather_object(rngs, rng_state())
-        else:
-            rngs = [rng_state()]
-        if master:
-            path = os.path.join(args.output_dir, name)
-            save_atomic(dict(variant=args.variant, model_args=plain(model.model_args), classes=classes,
-                             model=model.state_dict(), ema=ema.module.state_dict() if ema is not None else None,
-                             optimizer=optimizer.state_dict(), config=config, rng=rngs, **state), path)
-            if also:  # the same bytes under a second name: a hard link, or a copy where links fail
-                link_atomic(path, os.path.join(args.output_dir, also))
-        return time.time()
-
-    last_save = time.time()  # `stop` has caught signals since before the set-up: one arriving then is kept
-    for epoch in range(state["epoch"], args.epochs):
-        if args.max_steps is not None and state["step"] >= args.max_steps:
-            break
-        use_mesa = ema is not None and args.mesa > 0 and epoch / args.epochs > args.mesa_start
-        sampler.set_epoch(epoch)
-        # k steps into the epoch, the first k x global batch positions are used, on any world size
-        sampler.set_position(state["epoch_step"] * args.batch_size * args.accum_steps)
-        model.train()
-        t0, batches, pending = time.time(), iter(train_loader), []
-        with tqdm(total=spe, initial=state["epoch_step"], desc=f"epoch {epoch}", disable=not master,
-                  dynamic_ncols=True) as bar:
-            for k in range(state["epoch_step"], spe):
-                if args.max_steps is not None and state["step"] >= args.max_steps:
-                    break
-                lr = lr_at(epoch + k / spe, args)
-                micro_batches, wait = next_micro_batches(batches, args, rank, state["step"], device)
-                result = train_step(micro_batches, lr, use_mesa)  # (loss, grad norm, finite), still on the GPU
-                pending.append(dict(step=state["step"], lr=lr, wait=wait, time=time.time(), result=result))
-                state = count_step(state, args, epoch, k, wait, time.time() - t0)
-                t0 = time.time()
-                bar.update(1)
-                read_now = (state["step"] % READ_EVERY == 0 or k == spe - 1 or state["step"] == args.max_steps
-                            or (world == 1 and stop.signum))  # several ranks agree on a signal at a reading
-                if not read_now:
-                    continue
-                state, loss = read_results(state, pending, args, device, master, log)
-                pending, sums = [], state["sums"]
-                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", img_s=f"{sums['images'] / sums['seconds']:.0f}",
-                                data_ms=f"{1000 * sums['data_wait'] / sums['steps']:.1f}")  # mean wait a step
-                signum = stop.agreed(device)
-                if signum or (state["step"] % (2 * READ_EVERY) == 0 and due(last_save, args, device)):
-                    last_save = save("last.pt")
-                    if signum:
-                        log(f"\nstopped by signal {signum} at step {state['step']}: saved last.pt; run the same "
-                            f"command to resume")
-                        sys.exit(128 + signum)
-        if state["epoch_step"] < spe:  # stopped by --max-steps mid-epoch
-            save("last.pt")
-            break
-
-        # --- the epoch's end: evaluate the model and its EMA, save, one line of metrics
-        check_replicas_in_sync(model, "weights and BatchNorm statistics")
-        top1, top5 = evaluate(model, val_loader, device, args.amp)
-        ema_top1, ema_top5 = evaluate(ema.module, val_loader, device, args.amp) if ema is not None else (None, None)
-        if ema is not None:
-            check_replicas_in_sync(ema.module, "EMA weights")
-        metrics = epoch_metrics(state, args, epoch, spe, top1, top5, ema_top1, ema_top5, device,
-                                bad_images=train_set.num_bad + val_set.num_bad)
-        is_best = metrics["best_top1"] > state["best_top1"]
-        state = state | dict(epoch=epoch + 1, epoch_step=0, best_top1=metrics["best_top1"], sums=EPOCH_SUMS,
-                             metrics=state["metrics"] + [metrics], val_top1=dict(model=top1, ema=ema_top1))
-        last_save = save("last.pt", also="best.pt" if is_best else None)
-        if master:
-            write_metrics(args.output_dir, state["metrics"])
-        log(f"epoch {epoch}: train loss {metrics['train_loss']:.4f}, val top-1 {top1:.2f} top-5 {top5:.2f}"
-            + (f", weights{' and EMA' if ema is not None else ''} identical on {world} ranks" if world > 1 else "")
-            + (f", EMA top-1 {ema_top1:.2f} top-5 {ema_top5:.2f}" if ema is not None else "")
-            + f"; data wait {metrics['data_wait_ms_per_step']:.1f} ms a step, "
-              f"{100 * metrics['data_wait_fraction']:.0f}% of training time ({metrics['epoch_seconds']:.0f} s)")
-    log(f"done: best top-1 {state['best_top1']:.2f}; checkpoints in {args.output_dir}")
-
-
-def count_step(state, args, epoch, k, wait, seconds):
-    """The run's counters after step k of the epoch (a new state); its loss comes in read_results."""
-    images, sums = args.accum_steps * args.batch_size * args.world_size, state["sums"]
-    sums = sums | dict(steps=sums["steps"] + 1, images=sums["images"] + images, seconds=sums["seconds"] + seconds,
-                       data_wait=sums["data_wait"] + wait)
-    return state | dict(epoch=epoch, epoch_step=k + 1, step=state["step"] + 1, images=state["images"] + images,
-                        sums=sums)
-
-
-def read_results(state, pending, args, device, master, log):
-    """Read the pending steps' (loss, grad norm, finite) from the GPU, one wait for all of them, and
-    count them: a non-finite step is warned about, too many in a row stop the run. Returns the new
-    state and the last step's loss; with --step-log, writes their lines."""
-    values = torch.stack([p["result"] for p in pending]).tolist()
-    bad_steps, sums = state["bad_steps"], state["sums"]
-    for p, (loss, _, finite) in zip(pending, values):
-        bad_steps = 0 if finite else bad_steps + 1
-        if not finite and args.amp != "fp16":  # fp16's loss scale skips overflows by design
-            log(f"warning: non-finite loss or gradient at step {p['step']} (loss {loss}): step skipped, the "
-                f"network unchanged ({bad_steps} in a row)")
-        if bad_steps >= args.max_bad_steps:
-            raise TrainingError(f"{bad_steps} non-finite steps in a row at step {p['step']}: lower --lr, use "
-                                f"--amp bf16, or resume from an earlier checkpoint")
-        sums = sums | dict(loss=sums["loss"] + (loss if finite else 0.0), finite=sums["finite"] + int(finite))
-    if args.step_log:
-        write_step_log(args, pending, values, device, master)
-    return state | dict(bad_steps=bad_steps, sums=sums), values[-1][0]
-
-
-def epoch_metrics(state, args, epoch, spe, top1, top5, ema_top1, ema_top5, device, bad_images):
-    """The epoch's line of metrics.jsonl, from its running sums (data waits summed over the ranks)."""
-    sums = state["sums"]
-    wait, steps_run = all_reduce_sum([sums["data_wait"], sums["steps"]], device)
-    return dict(epoch=epoch, step=state["step"], lr=lr_at(epoch + (spe - 1) / spe, args),
-                train_loss=sums["loss"] / max(sums["finite"], 1), top1=top1, top5=top5, ema_top1=ema_top1,
-                ema_top5=ema_top5, best_top1=max(top1, ema_top1 or 0.0, state["best_top1"]),
-                train_images_per_s=sums["images"] / max(sums["seconds"], 1e-9),
-                data_wait_ms_per_step=1000 * wait / max(steps_run, 1),
-                data_wait_fraction=wait / args.world_size / max(sums["seconds"], 1e-9),
-                epoch_seconds=sums["seconds"], bad_images=bad_images)
-
-
-def resume(checkpoint, args, model, ema, optimizer, classes, spe, rank, state, log):
-    """Load the checkpoint's weights, EMA, optimizer and counters into this run, after checking that
-    it is the same run: same classes (by name), same global batch (checked with the settings)."""
-    path = checkpoint["path"]
-    if checkpoint["classes"] != classes:
-        gone, new = sorted(set(checkpoint["classes"]) - set(classes)), sorted(set(classes) - set(checkpoint["classes"]))
-        detail = f"missing now: {', '.join(gone[:5])}; new: {', '.join(new[:5])}" if gone or new else "the same names in another order"
-        raise UsageError(f"{path} was trained on other classes than {args.data_dir} holds ({detail}): the labels "
-                         f"would shift; resume on the same class folders, or use a new --output-dir")
-    try:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        if ema is not None:
-            ema.module.load_state_dict(checkpoint["ema"])
-    except (RuntimeError, ValueError, KeyError, TypeError) as e:
-        raise UsageError(f"{path} does not fit its own model_args ({str(e).splitlines()[0][:100]}): "
-                         f"delete it or pass another --resume") from None
-    state = {k: checkpoint.get(k, v) for k, v in state.items()}
-    old = checkpoint["config"]
-    if old["steps_per_epoch"] != spe:  # images were added or removed: the schedule counts epochs
-        done = round(state["epoch_step"] * spe / old["steps_per_epoch"])
-        log(f"notice: the training set now gives {spe} steps an epoch (was {old['steps_per_epoch']}): epoch "
-            f"{state['epoch']} goes on at step {done} of {spe}, with the new set's order")
-        state["epoch_step"] = done
-    extend_schedule(args, old, state["epoch"] + state["epoch_step"] / spe, log)
-    if rank < len(checkpoint.get("rng") or []):  # ranks new to the run start from torch.manual_seed(seed)
-        set_rng_state(checkpoint["rng"][rank])
-    split = (old["world_size"], old["batch_size"], old["accum_steps"])
-    log(f"resumed from {path}: epoch {state['epoch']}, step {state['step']}, {state['images']} images"
-        + (f" (global batch {global_batch(old)} as {' x '.join(map(str, split))} processes x batch x micro-steps, "
-           f"now {args.world_size} x {args.batch_size} x {args.accum_steps})"
-           if split != (args.world_size, args.batch_size, args.accum_steps) else ""))
-    return state
-
-
-def due(last_save, args, device):
-    """Is a timed save due? Rank 0's clock decides for every rank (saving needs all of them)."""
-    flag = torch.tensor([time.time() - last_save > 60 * args.save_minutes], device=device)
-    if dist.is_initialized():
-        dist.broadcast(flag, 0)
-    return bool(flag)
-
-
-def write_metrics(output_dir, metrics):
-    """metrics.jsonl anew from the checkpoint's list: each epoch's line exactly once, whatever was killed."""
-    write_text_atomic(os.path.join(output_dir, "metrics.jsonl"), "".join(json.dumps(m) + "\n" for m in metrics))
-
-
-def write_text_atomic(path, text):
-    """A temporary file, then a rename: a kill leaves the old file. A failed write (a full disk) is
-    one line, exit 1, like a checkpoint's: the checkpoints were saved before, and the file is
-    written anew from them when the run resumes."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except OSError as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise TrainingError(f"cannot write {path} ({e.strerror or e}); the checkpoints are intact: free space, "
-                            f"then run the same command to resume") from None
-
-
-def write_step_log(args, pending, values, device, master):
-    """Lines of <output-dir>/steps.jsonl, one a step: its loss and data wait averaged over the ranks
-    (so 1, 2 or 4 processes at the same global batch log comparable numbers), lr, gradient norm,
-    and the wall-clock time at which the step was queued (differences: seconds a step)."""
-    sums = all_reduce_sum([x for p, v in zip(pending, values) for x in (v[0], p["wait"])], device)
-    if master:
-        lines = [dict(step=p["step"], lr=p["lr"], loss=loss_sum / args.world_size, grad_norm=v[1],
-                      data_wait_ms=1000 * wait_sum / args.world_size, time=p["time"])
-                 for p, v, loss_sum, wait_sum in zip(pending, values, sums[0::2], sums[1::2])]
-        path = os.path.join(args.output_dir, "steps.jsonl")
-        try:
-            with open(path, "a") as f:
-                f.write("".join(json.dumps(line) + "\n" for line in lines))
-        except OSError as e:  # one line, exit 1, as for the other files
-            raise TrainingError(f"cannot write {path} ({e.strerror or e}); the last checkpoint is intact: free "
-                                f"space, then run the same command to resume") from None
 
 
 if __name__ == "__main__":
