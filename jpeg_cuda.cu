@@ -13,7 +13,8 @@
 // Output: planar RGB (NVJPEG_OUTPUT_RGB), 3 planes of H x W bytes in a buffer Python allocated (a contiguous
 // (3, H, W) uint8 tensor), written on the stream Python passes (torch's current stream); the call waits for that
 // stream before the engines write (they do not keep its order) and returns after it has finished, so the
-// outputs, the input bytes and nvJPEG's own buffers are free to reuse. Greyscale files come out as three equal planes.
+// outputs, the input bytes and nvJPEG's own buffers are free to reuse. Greyscale files come out as three equal
+// planes.
 //
 // Before nvJPEG sees a file, our own header checks (`inspect`) refuse what it would decode differently from
 // libjpeg (Pillow) or could not decode at all: no SOI marker (a PNG named .JPEG, random bytes), unreadable
@@ -260,9 +261,10 @@ int decode_batch(Decoder* d, int n, const unsigned char* const* data, const size
       hw_len.push_back(len[k]);
       hw_out.push_back(planes(out[k], width[k], height[k]));
     }
-    // The engines write the outputs when nvjpegDecodeBatched is called, not in the stream's order (seen on H100s
-    // with nvJPEG 12.3-13.2): the output buffers may be memory that work still queued on `stream` reads (the
-    // caching allocator hands a block on as soon as it is freed on its stream), so that work must finish first.
+    // The engines write the outputs when nvjpegDecodeBatched is called, not in the stream's order (reported for
+    // nvJPEG 12.3-13.2 on H100s; test_jpeg.py checks the wait): the output buffers may be memory that work still queued
+    // on `stream` reads (the caching allocator hands a block on as soon as it is freed on its stream), so that
+    // work must finish first.
     const int drained = cuda_code(cudaStreamSynchronize(stream));
     if (drained != 0) return drained;
     nvjpegStatus_t s = nvjpegDecodeBatchedInitialize(d->handle, d->hw_state, static_cast<int>(hw.size()), 1,
