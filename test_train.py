@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import data
+import jpeg
 import step
 import synthetic
 import train
@@ -390,7 +391,7 @@ def test_benchmark_mode(capsys):
     ("window size 0", ["--window-size", "0", "0", "0", "0"], "--window-size takes 4 positive sizes"),
     ("unknown model setting", ["--model-overrides", '{{"depth": 3}}'], "unknown key(s) depth"),
     ("negative lr", ["--lr", "-1"], "--lr must be positive"),
-    pytest.param("GPU data path without a GPU", ["--gpu-data"], "--gpu-data needs a CUDA GPU",
+    pytest.param("GPU data path without a GPU", ["--data-path", "gpu"], "--data-path gpu needs a CUDA GPU",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is there")),
 ])
 def test_bad_input_gives_one_line_and_exit_2(case, flags, message, demo_dir, tmp_path, capsys):
@@ -488,16 +489,19 @@ def step_logs(*runs):
 
 
 @gpu
-def test_fast_path_follows_eager_through_the_schedule(demo_dir, tmp_path):
-    """The default GPU path (compiled, CUDA graphs) against --eager through warmup, MESA switching on
-    (epoch 1 of 3: a second capture), evaluation and saves at each epoch's end, a stop mid-epoch and
-    a resume (a new capture), to the end: per-step losses and the final weights agree within float32
-    / TF32 rounding grown over 39 LAMB steps: losses to a bf16-sized 1e-2, all weights together to
-    2e-2 (drop path off: compiled code draws other random numbers than eager)."""
+def test_fast_path_follows_eager_through_the_schedule(demo_dir, tmp_path, capsys):
+    """The default GPU path (compiled, CUDA graphs; the GPU data path in both runs where the GPU has
+    JPEG engines) against --eager through warmup, MESA switching on (epoch 1 of 3: a second
+    capture), evaluation and saves at each epoch's end, a stop mid-epoch and a resume (a new
+    capture), to the end: per-step losses and the final weights agree within float32 / TF32
+    rounding grown over 39 LAMB steps: losses to a bf16-sized 1e-2, all weights together to 2e-2
+    (drop path off: compiled code draws other random numbers than eager)."""
     flags = ["--data-dir", demo_dir, *TINY_FLAGS, "--drop-path-rate", "0", "--amp", "none", "--step-log"]
     eager, fast = tmp_path / "eager", tmp_path / "fast"
     train.main([*flags, "--output-dir", str(eager), "--eager"])
     train.main([*flags, "--output-dir", str(fast), "--max-steps", "20"])  # stops in epoch 1, MESA on
+    if jpeg.uses_engines():  # then the default data path is the GPU's too
+        assert "decoded and augmented on the GPU" in capsys.readouterr().out
     assert load(fast / "last.pt")["step"] == 20
     train.main([*flags, "--output-dir", str(fast)])  # resumes: compiles and captures again
     logs = step_logs(eager, fast)
@@ -514,13 +518,13 @@ def test_fast_path_follows_eager_through_the_schedule(demo_dir, tmp_path):
 
 @gpu
 def test_fast_path_runs_a_long_recipe_with_loader_workers(tmp_path):
-    """40 epochs on real JPEGs with loader workers (their pin-memory thread runs beside every
-    capture), evaluation and checkpoints between the captures, MESA from epoch 10, bf16: it must
-    finish (a capture once failed here when MESA switched on after evaluation and saves)."""
+    """40 epochs on real JPEGs with Pillow in loader workers (their pin-memory thread runs beside
+    every capture), evaluation and checkpoints between the captures, MESA from epoch 10, bf16: it
+    must finish (a capture once failed here when MESA switched on after evaluation and saves)."""
     root = synthetic.make_demo_dataset(str(tmp_path / "demo"), train_per_class=12, val_per_class=3)
-    r = run_train("--data-dir", root, "--output-dir", str(tmp_path / "run"), *TINY_FLAGS, "--epochs", "40",
-                  "--warmup-epochs", "3", "--cooldown-epochs", "2", "--batch-size", "16", "--workers", "4",
-                  "--mesa-start", "0.25", "--save-minutes", "0", gpu=True, timeout=900)
+    r = run_train("--data-dir", root, "--data-path", "cpu", "--output-dir", str(tmp_path / "run"), *TINY_FLAGS,
+                  "--epochs", "40", "--warmup-epochs", "3", "--cooldown-epochs", "2", "--batch-size", "16",
+                  "--workers", "4", "--mesa-start", "0.25", "--save-minutes", "0", gpu=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "fast path:" in r.stdout and "training eagerly" not in r.stderr
     assert r.stdout.count("captured") == 3  # forward + backward without and with MESA, the update
@@ -530,12 +534,12 @@ def test_fast_path_runs_a_long_recipe_with_loader_workers(tmp_path):
 
 @gpu
 def test_gpu_data_path_resumes_after_sigkill(demo_dir, tmp_path):
-    """The default fast step with --gpu-data (nvJPEG + gpu_augment) killed with SIGKILL once its first
+    """The default fast step on the GPU data path (nvJPEG + gpu_augment) killed with SIGKILL once its first
     checkpoint is on disk (the end of epoch 0), then the same command: it captures again and ends where the
     straight run ends, through MESA switching on, with the same per-step losses and final weights
     within the fast path's rounding (as test_fast_path_follows_eager_through_the_schedule)."""
     flags = ["--data-dir", demo_dir, *TINY_FLAGS, "--drop-path-rate", "0", "--amp", "none", "--step-log",
-             "--gpu-data"]
+             "--data-path", "gpu"]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     r = run_train(*flags, "--output-dir", str(straight), gpu=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -10,7 +10,8 @@ The file starts with the run: main, then the loop (train) top to bottom: set-up 
 for each epoch its steps (train_one_epoch: learning rate, batch, step, log, save when due), then
 evaluate and save (end_epoch); the settings, processes, checkpoints and data follow. One step
 (step.py) is forward, loss, backward, clip, LAMB and EMA; on a CUDA GPU it is compiled and replayed
-as CUDA graphs (--eager turns that off). Several processes (torchrun) average gradients and
+as CUDA graphs (--eager turns that off), and the training images are decoded and augmented on the
+GPU where it has JPEG engines (--data-path). Several processes (torchrun) average gradients and
 BatchNorm statistics after each backward (NCCL on GPUs, gloo on CPU); rank 0 prints and saves.
 Re-running the same command resumes from <output-dir>/last.pt, mid-epoch included, also on another
 number of GPUs as long as the global batch (GPUs x --batch-size x --accum-steps) is the same.
@@ -498,8 +499,12 @@ def get_parser():
                    help="autocast dtype (default bf16 on GPU, none on CPU); fp16 scales the loss")
     p.add_argument("--eager", action="store_true", help="turn the GPU's fast path off (torch.compile "
                    "and CUDA graphs of the whole step): plain PyTorch, for debugging")
-    p.add_argument("--gpu-data", action="store_true", help="decode (nvJPEG) and augment (gpu_augment) training "
-                   "images on the GPU instead of with Pillow in the loader workers; see README for when it pays")
+    p.add_argument("--data-path", choices=("auto", "gpu", "cpu"), default="auto", help="where training images "
+                   "are decoded and augmented: gpu (nvJPEG on the JPEG engines + gpu_augment; the loader workers only "
+                   "read files), cpu (Pillow in the loader workers, the reference), auto (gpu where the GPU has JPEG "
+                   "engines: A100, H100, H200; else cpu)")
+    p.add_argument("--gpu-data", dest="data_path", action="store_const", const="gpu",
+                   help=argparse.SUPPRESS)  # the earlier spelling of --data-path gpu
     p.add_argument("--compile", "--cuda-graph", dest="legacy_fast_flag", action="store_true",
                    help=argparse.SUPPRESS)  # the fast path is the default now; accepted and ignored
     p.add_argument("--save-minutes", type=float, default=30.0, help="also write last.pt every N minutes")
@@ -828,19 +833,22 @@ def build_data(args, rank, world, device):
 
 
 def gpu_data_path(args, device):
-    """Whether training images are decoded (nvJPEG) and augmented (gpu_augment) on the GPU: with
-    --gpu-data on CUDA. Where its kernels could not be built (one warning), Pillow in the loader
-    workers does it, as without the flag."""
-    if not args.gpu_data:
+    """Whether training images are decoded (nvJPEG) and augmented (gpu_augment) on the GPU (--data-path).
+    auto takes the GPU where it has JPEG engines: without them nvJPEG decodes on the CPU, in one
+    process, slower than Pillow in the loader workers. Where the GPU path cannot run (one warning
+    names the reason), Pillow in the loader workers does it."""
+    if args.data_path == "cpu" or (args.data_path == "auto" and device.type != "cuda"):
         return False
     if device.type != "cuda":
-        raise UsageError("--gpu-data needs a CUDA GPU: drop it to decode and augment with Pillow")
+        raise UsageError("--data-path gpu needs a CUDA GPU: use --data-path cpu (Pillow in the loader workers)")
     import gpu_augment
     import jpeg
+    if args.data_path == "auto" and not jpeg.uses_engines(device):  # False too where nvJPEG could not start
+        return False
     if jpeg.available(device) and gpu_augment.available(device):
         return True
-    print("--gpu-data: the GPU data path is not available (see the warning above): training images are "
-          "decoded and augmented by Pillow in the loader workers", file=sys.stderr)
+    print("the GPU data path is not available (see the warning above): training images are decoded and "
+          "augmented by Pillow in the loader workers", file=sys.stderr)
     return False
 
 
