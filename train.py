@@ -140,6 +140,8 @@ def prepare_locked(args, world):
     if checkpoint is not None:
         checkpoint["path"] = resume
     resolve_config(args, world, checkpoint["config"] if checkpoint else None)
+    if args.data_path == "gpu" and not torch.cuda.is_available():
+        raise UsageError("--data-path gpu needs a CUDA GPU: use --data-path cpu (Pillow in the loader workers)")
     args.data_dir = os.path.abspath(args.data_dir or DEMO_DIR)
     if args.demo and checkpoint is None:
         try:
@@ -837,10 +839,8 @@ def gpu_data_path(args, device):
     auto takes the GPU where it has JPEG engines: without them nvJPEG decodes on the CPU, in one
     process, slower than Pillow in the loader workers. Where the GPU path cannot run (one warning
     names the reason), Pillow in the loader workers does it."""
-    if args.data_path == "cpu" or (args.data_path == "auto" and device.type != "cuda"):
+    if args.data_path == "cpu" or device.type != "cuda":  # prepare() refused --data-path gpu without CUDA
         return False
-    if device.type != "cuda":
-        raise UsageError("--data-path gpu needs a CUDA GPU: use --data-path cpu (Pillow in the loader workers)")
     import gpu_augment
     import jpeg
     if args.data_path == "auto" and not jpeg.uses_engines(device):  # False too where nvJPEG could not start
