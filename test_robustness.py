@@ -157,25 +157,44 @@ def test_sigterm_mid_epoch_saves_the_step_and_resumes_exactly(demo_dir, tmp_path
         [(m["epoch"], m["step"], m["train_loss"]) for m in metrics_log(straight)] and len(metrics_log(straight)) == 2
 
 
+def test_a_signal_during_the_ranks_agreement_waits_for_the_next_reading(monkeypatch):
+    """Ranks agree on a signal through one all-reduce of their flags. One caught while that runs must
+    not make this rank stop when the sum (the same on every rank) says go on: the others would go on
+    into the next collective alone. It stops at the next reading, with the others."""
+    stop = train.StopSignal()
+    try:
+        def sum_while_a_signal_lands(values, device):
+            stop.catch(signal.SIGTERM, None)
+            return [float(sum(values))]
+        monkeypatch.setattr(train.dist, "is_initialized", lambda: True)
+        monkeypatch.setattr(train, "all_reduce_sum", sum_while_a_signal_lands)
+        assert stop.agreed("cpu") == 0
+        assert stop.agreed("cpu") == signal.SIGTERM
+    finally:
+        stop.restore()
+
+
 def test_sigterm_to_torchrun_saves_and_resumes(demo_dir, tmp_path):
     # torchrun forwards SIGTERM to its workers; they agree on the step, rank 0 saves, both exit
     out = tmp_path / "run"
+    # 2 x 3 images a step: 6 steps an epoch, 4 epochs; the ranks read (and may agree on a signal) at steps
+    # 6, 10, 12, 18, 20: a loaded machine that delivers the signal late still stops before the end
     flags = [os.path.join(HERE, "train.py"), "--data-dir", demo_dir, "--output-dir", str(out), *TINY_FLAGS,
-             "--step-log", "--max-steps", "12"]  # 2 x 3 images a step: 6 steps an epoch
+             "--epochs", "4", "--step-log"]
     proc = start(TORCHRUN + flags, out, "torchrun")
     wait_for_steps(out, 3, proc)
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=60)  # torchrun itself ends with 1 (its SignalException)
     stdout = read(tmp_path / "torchrun.out")
     done = len(steps_log(out))
-    assert 3 <= done < 12 and f"stopped by signal 15 at step {done}: saved last.pt" in stdout, \
-        read(tmp_path / "torchrun.err")[-2000:]
+    assert 3 <= done < 24 and f"stopped by signal 15 at step {done}: saved last.pt" in stdout, \
+        f"{done} steps logged; stdout: {stdout[-1500:]}; stderr: " + read(tmp_path / "torchrun.err")[-3000:]
     ckpt = load(out / "last.pt")
     assert ckpt["step"] == done and len(ckpt["rng"]) == 2
     r = run_train(*flags[1:], nproc=2)
     assert r.returncode == 0 and f"step {done}" in r.stdout, r.stderr[-2000:]
-    assert load(out / "last.pt")["step"] == 12 and [s["step"] for s in steps_log(out)] == list(range(12))
-    assert [m["step"] for m in metrics_log(out)] == [6, 12]
+    assert load(out / "last.pt")["step"] == 24 and [s["step"] for s in steps_log(out)] == list(range(24))
+    assert [m["step"] for m in metrics_log(out)] == [6, 12, 18, 24]
 
 
 INF_ON_RANK_1 = """

@@ -684,10 +684,13 @@ class StopSignal:
         self.signum = signum
 
     def agreed(self, device):
-        """This process's signal, or SIGTERM if another rank got one: ranks stop at the same step."""
-        if dist.is_initialized() and all_reduce_sum([self.signum], device)[0] > 0:
-            return self.signum or signal.SIGTERM
-        return self.signum
+        """This process's signal, or SIGTERM if another rank got one: ranks stop at the same step. The
+        answer follows the ranks' sum alone: a signal caught after the flag was read (during the
+        all-reduce) waits for the next reading, else this rank would stop and the others go on."""
+        signum = self.signum
+        if not dist.is_initialized():
+            return signum
+        return (signum or signal.SIGTERM) if all_reduce_sum([signum], device)[0] > 0 else 0
 
     def restore(self):
         for s, handler in self.previous.items():
