@@ -8,10 +8,11 @@
 
 The file starts with the run: main, then the loop (train) top to bottom: set-up and resume, then
 for each epoch its steps (train_one_epoch: learning rate, batch, step, log, save when due), then
-evaluate and save (end_epoch); the settings, processes, checkpoints and data follow. One step
-(step.py) is forward, loss, backward, clip, LAMB and EMA; on a CUDA GPU it is compiled and replayed
-as CUDA graphs (--eager turns that off), and the training images are decoded and augmented on the
-GPU where it has JPEG engines (--data-path). Several processes (torchrun) average gradients and
+evaluate and save (end_epoch); the settings, processes and data follow. checkpoint.py keeps the
+run's folder (checkpoints, the lock, the small files). One step (step.py) is forward, loss,
+backward, clip, LAMB and EMA; on a CUDA GPU it is compiled and replayed as CUDA graphs (--eager
+turns that off), and the training images are decoded and augmented on the GPU where it has JPEG
+engines (--data-path). Several processes (torchrun) average gradients and
 BatchNorm statistics after each backward (NCCL on GPUs, gloo on CPU); rank 0 prints and saves.
 Re-running the same command resumes from <output-dir>/last.pt, mid-epoch included, also on another
 number of GPUs as long as the global batch (GPUs x --batch-size x --accum-steps) is the same.
@@ -20,15 +21,11 @@ random choice is a function of (seed, rank, step) or (seed, epoch, position), so
 follows exactly the path of an uninterrupted one (bit-identical on CPU with deterministic kernels).
 """
 import argparse
-import fcntl
-import glob
 import json
 import math
 import os
 import random
-import shutil
 import signal
-import socket
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -39,6 +36,8 @@ import torch.distributed as dist
 
 import data
 import synthetic
+from checkpoint import (TrainingError, UsageError, check_finite, link_atomic, load_checkpoint, lock_output_dir, plain,
+                        rng_state, save_atomic, set_rng_state, write_metrics, write_text_atomic)
 from eval import evaluate as evaluation_sums
 from model import _ARCH_KEYS, VARIANTS, MambaVision, build_model
 from step import CAPTURE_LOCK, Lamb, ModelEma, TrainStep, param_groups
@@ -75,14 +74,6 @@ EPOCH_SUMS = dict(loss=0.0, finite=0, steps=0, images=0, seconds=0.0, data_wait=
 # read every READ_EVERY steps (and at an epoch's end): the host queues steps ahead of the GPU meanwhile.
 # Timed saves and, on several processes, signals are checked then too.
 READ_EVERY = 10
-
-
-class UsageError(Exception):
-    """A bad flag, folder or file: printed as one line, exit code 2."""
-
-
-class TrainingError(Exception):
-    """The run cannot go on (e.g. the loss keeps diverging): printed as one line, exit code 1."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -414,27 +405,6 @@ def due(last_save, args, device):
     return bool(flag)
 
 
-def write_metrics(output_dir, metrics):
-    """metrics.jsonl anew from the checkpoint's list: each epoch's line exactly once, whatever was killed."""
-    write_text_atomic(os.path.join(output_dir, "metrics.jsonl"), "".join(json.dumps(m) + "\n" for m in metrics))
-
-
-def write_text_atomic(path, text):
-    """A temporary file, then a rename: a kill leaves the old file. A failed write (a full disk) is
-    one line, exit 1, like a checkpoint's: the checkpoints were saved before, and the file is
-    written anew from them when the run resumes."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except OSError as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise TrainingError(f"cannot write {path} ({e.strerror or e}); the checkpoints are intact: free space, "
-                            f"then run the same command to resume") from None
-
-
 def write_step_log(args, pending, values, device, master):
     """Lines of <output-dir>/steps.jsonl, one a step: its loss and data wait averaged over the ranks
     (so 1, 2 or 4 processes at the same global batch log comparable numbers), lr, gradient norm,
@@ -632,7 +602,7 @@ def make_optimizer(model, args):
 
 
 # ----------------------------------------------------------------------------------------------
-# Processes, signals, the output folder
+# Processes and signals
 
 def setup_distributed():
     """(rank, world_size, device) from torchrun's environment; a plain `python train.py` is rank 0 of 1."""
@@ -695,117 +665,6 @@ class StopSignal:
     def restore(self):
         for s, handler in self.previous.items():
             signal.signal(s, handler)
-
-
-def lock_output_dir(path):
-    """Make the folder and hold an exclusive lock on it while this process lives (the OS drops the
-    lock when it dies, so a crash leaves no stale lock). A second run into the folder is refused."""
-    try:
-        os.makedirs(path, exist_ok=True)
-        lock = open(os.path.join(path, ".lock"), "a+")
-    except OSError as e:
-        raise UsageError(f"cannot use --output-dir {path}: {e.strerror or e}: pass a writable folder") from None
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        lock.seek(0)
-        raise UsageError(f"another run ({lock.read().strip() or 'unknown'}) is writing to {path}: wait for it "
-                         f"to end, or pass another --output-dir") from None
-    lock.truncate(0)
-    lock.write(f"pid {os.getpid()} on {socket.gethostname()}")
-    lock.flush()
-    for stale in glob.glob(os.path.join(path, "*.tmp-*")):  # left by a save that was killed
-        os.remove(stale)
-    return lock
-
-
-# ----------------------------------------------------------------------------------------------
-# Checkpoints
-
-def rng_state():
-    """This process's RNG states, as plain types (for torch.load(weights_only=True))."""
-    version, state, gauss = random.getstate()
-    return dict(torch=torch.get_rng_state(),
-                cuda=torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-                python=[version, list(state), gauss])
-
-
-def set_rng_state(s):
-    torch.set_rng_state(s["torch"])
-    if s["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(s["cuda"])
-    random.setstate((s["python"][0], tuple(s["python"][1]), s["python"][2]))
-
-
-def plain(x):
-    """Tuples -> lists, recursively (checkpoints hold only weights_only-safe plain types)."""
-    if isinstance(x, (list, tuple)):
-        return [plain(v) for v in x]
-    if isinstance(x, dict):
-        return {k: plain(v) for k, v in x.items()}
-    return x
-
-
-def save_atomic(obj, path):
-    """Write to a temporary file in the same folder, then rename: a kill leaves the old file intact.
-    A failed write (a full disk) removes its temporary file and says how much space it needed."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:
-        need = sum(t.numel() * t.element_size() for t in tensors_in(obj))
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        free = shutil.disk_usage(os.path.dirname(path) or ".").free
-        raise TrainingError(f"cannot write {path} ({str(e).splitlines()[0][:80]}): it needs about {need / 2**30:.2f} "
-                            f"GiB and {os.path.dirname(path) or '.'} has {free / 2**30:.2f} GiB free; the previous "
-                            f"checkpoint is intact: free space, then run the same command to resume") from None
-
-
-def tensors_in(obj):
-    if isinstance(obj, torch.Tensor):
-        return [obj]
-    if isinstance(obj, dict):
-        obj = list(obj.values())
-    return [t for v in obj for t in tensors_in(v)] if isinstance(obj, (list, tuple)) else []
-
-
-def link_atomic(src, dst):
-    """dst becomes another name of src's file (src is later replaced, never rewritten in place)."""
-    tmp = f"{dst}.tmp-{os.getpid()}"
-    try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
-
-
-def load_checkpoint(path):
-    """torch.load(weights_only=True) with a clear error for a missing, corrupt or foreign file."""
-    if os.path.isdir(path) or not os.path.exists(path):
-        raise UsageError(f"--resume {path}: {'is a folder' if os.path.isdir(path) else 'no such file'}; "
-                         f"pass a last.pt written by train.py")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for a truncated or foreign file
-        raise UsageError(f"cannot read checkpoint {path} ({type(e).__name__}): the file is damaged or not a "
-                         f"train.py checkpoint; pass another --resume, or move it away to start afresh") from None
-    needed = {"model", "model_args", "optimizer", "epoch", "step", "config", "classes"}
-    missing = needed - set(ckpt if isinstance(ckpt, dict) else {})
-    if missing:
-        raise UsageError(f"{path} is not a train.py checkpoint of this version (no {', '.join(sorted(missing))}): "
-                         f"pass another --resume or --output-dir")
-    return ckpt
-
-
-def check_finite(modules):
-    """Refuse to save non-finite weights or buffers (a checkpoint must stay a good place to resume)."""
-    for name, module in modules.items():
-        for key, t in module.state_dict().items():
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                raise TrainingError(f"the {name}'s {key} is not finite: not saved; the last checkpoint is "
-                                    f"intact: resume from it with a lower --lr")
 
 
 # ----------------------------------------------------------------------------------------------
