@@ -13,7 +13,8 @@ same network at every step), and the gradient norm decides:
                   they were, the BatchNorm statistics its forward moved are put back (the EMA takes
                   its usual step towards the unchanged network, as timm's does).
 The decision is taken on the device (the kernels read a 0/1 tensor), so the host never waits for
-the GPU inside a step: it queues the next step while the GPU runs this one.
+the GPU inside a step: it queues the next step while the GPU runs this one (and waits, without
+spinning, only when it is QUEUED_STEPS ahead).
 
 The fast path (`fast=True`, CUDA only): the model and the EMA teacher are torch.compile'd, and the
 step's two halves, one micro-batch's forward + backward and the update (clip, optimizer, EMA), are
@@ -24,6 +25,7 @@ the finite test is one, so one capture serves the whole schedule; the forward gr
 again only when MESA switches on. Where compiling or capturing fails, one warning names the reason
 and the step goes on eagerly: the same function, with the same results up to rounding.
 """
+import collections
 import contextlib
 import copy
 import math
@@ -39,6 +41,9 @@ import torch.nn.functional as F
 import data
 
 LAMB_MAX_GRAD_NORM = 1.0  # the official LAMB (timm's) clips the global gradient norm to 1 in its step
+# Steps the host may have queued on the GPU (TrainStep.__call__): one running, one waiting is all the
+# GPU needs, and the GPU data path's nvJPEG decode waits behind queued work (BENCHMARKS.md, 2026-12-06).
+QUEUED_STEPS = 2
 
 
 # ----------------------------------------------------------------------------------------------
@@ -214,6 +219,7 @@ class TrainStep:
             self.teacher = torch.compile(self.teacher) if self.teacher is not None else None
             self.forward_backward = CapturedCall(self._forward_backward, "forward + backward", log)
             self.update = CapturedCall(self._update, "clip + optimizer + EMA", log)
+        self.queued = collections.deque()  # CUDA: an event after each step still queued on the GPU
 
     def _forward_backward(self, x, boxes, labels, mix, use_mesa):
         """One micro-batch: returns its loss (detached); its gradient is added into .grad."""
@@ -251,6 +257,15 @@ class TrainStep:
         return torch.stack([loss, grad_norm, finite.float()])
 
     def __call__(self, micro_batches, lr, use_mesa):
+        result = self._fast_or_eager_step(micro_batches, lr, use_mesa)
+        if result.is_cuda:  # the host keeps at most QUEUED_STEPS ahead; waiting lets go of the CPU
+            self.queued.append(torch.cuda.Event(blocking=True))
+            self.queued[-1].record()
+            while len(self.queued) > QUEUED_STEPS:
+                self.queued.popleft().synchronize()
+        return result
+
+    def _fast_or_eager_step(self, micro_batches, lr, use_mesa):
         if self.fast:
             try:
                 return self._step(micro_batches, lr, use_mesa)
