@@ -686,7 +686,9 @@ class GpuBatches:
 
     `loader` yields collate_files batches of FileSamples. `threads` threads of this process take
     its batches in turn, each on its own CUDA stream (high priority, so that the data path's
-    kernels are not queued behind the training step's) with its own nvJPEG decoder: decode the
+    kernels are not queued behind the training step's; train.py asks CUDA for 32 hardware work
+    queues, as with the default 8 these streams share queues with the training's and wait behind
+    its queued steps) with its own nvJPEG decoder: decode the
     JPEGs (jpeg.py; the GPU's hardware engines where it has them), apply the drawn parameters
     (gpu_augment.augment), up to `depth` batches each ahead of the training step. The batches come
     out in the loader's order, and the main stream waits on an event before it reads one. nvJPEG's

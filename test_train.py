@@ -409,6 +409,18 @@ def test_bad_input_gives_one_line_and_exit_2(case, flags, message, demo_dir, tmp
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
 
 
+@pytest.mark.parametrize("given, expected", [(None, "32"), ("4", "4")])
+def test_main_asks_for_32_gpu_work_queues_unless_told(given, expected, tmp_path, monkeypatch):
+    """Before CUDA starts: CUDA_DEVICE_MAX_CONNECTIONS 32 (the GPU data path waits behind the
+    training's queued steps with CUDA's 8); a value the user set is kept."""
+    monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", given or "")  # the test's end restores the variable
+    if given is None:
+        monkeypatch.delenv("CUDA_DEVICE_MAX_CONNECTIONS")
+    with pytest.raises(SystemExit):
+        train.main(["--variant", "no-such-variant", "--output-dir", str(tmp_path / "out")])
+    assert os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] == expected
+
+
 def test_resume_from_a_different_run_is_refused(demo_dir, tmp_path, capsys):
     argv = ["--data-dir", demo_dir, "--output-dir", str(tmp_path), *TINY_FLAGS, "--max-steps", "1"]
     train.main(argv)
