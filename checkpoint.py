@@ -1,8 +1,9 @@
 """The run's folder for train.py: checkpoints written atomically and read safely, the RNG states
 they carry, the lock that keeps a second run out, and the small files beside them.
 
-Every write goes to a temporary file in the same folder and is renamed over the old one, so a kill
-at any moment leaves either the old file or the new one, never half of one. A checkpoint holds only
+Checkpoints, config.json and metrics.jsonl go to a temporary file in the same folder that is then
+renamed over the old one, so a kill at any moment leaves either the old file or the new one, never
+half of one. A checkpoint holds only
 plain types and tensors, so `torch.load(weights_only=True)` reads it.
 """
 import fcntl

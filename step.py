@@ -42,7 +42,8 @@ import data
 
 LAMB_MAX_GRAD_NORM = 1.0  # the official LAMB (timm's) clips the global gradient norm to 1 in its step
 # Steps the host may have queued on the GPU (TrainStep.__call__): one running, one waiting is all the
-# GPU needs, and the GPU data path's nvJPEG decode waits behind queued work (BENCHMARKS.md, 2026-12-06).
+# GPU needs. Fewer queued steps shorten the GPU data path's waits behind them (T's real run +3% with
+# CUDA's default 8 work queues, BENCHMARKS.md 2026-12-06; train.py now asks for 32).
 QUEUED_STEPS = 2
 
 

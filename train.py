@@ -82,7 +82,7 @@ READ_EVERY = 10
 def main(argv=None):
     # 32 hardware work queues on the GPU instead of CUDA's 8, set before CUDA starts: with 8, the GPU
     # data path's streams share queues with the training's, and nvJPEG's decode waits behind the
-    # queued steps (T's real run: 88% of its --benchmark rate against 70%, BENCHMARKS.md 2026-12-06)
+    # queued steps (T's real run: 89% of its --benchmark rate against 70%, BENCHMARKS.md 2026-12-06)
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "32")
     args = get_parser().parse_args(argv)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
