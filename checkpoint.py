@@ -3,8 +3,8 @@ they carry, the lock that keeps a second run out, and the small files beside the
 
 Checkpoints, config.json and metrics.jsonl go to a temporary file in the same folder that is then
 renamed over the old one, so a kill at any moment leaves either the old file or the new one, never
-half of one. A checkpoint holds only
-plain types and tensors, so `torch.load(weights_only=True)` reads it.
+half of one. A checkpoint holds only plain types and tensors, so `torch.load(weights_only=True)`
+reads it.
 """
 import fcntl
 import glob
@@ -18,11 +18,12 @@ import torch
 
 
 class UsageError(Exception):
-    """A bad flag, folder or file: printed as one line, exit code 2."""
+    """A bad flag, folder or file: train.py prints it as one line and exits with code 2."""
 
 
 class TrainingError(Exception):
-    """The run cannot go on (e.g. the loss keeps diverging): printed as one line, exit code 1."""
+    """The run cannot go on (e.g. the loss keeps diverging): train.py prints it as one line and exits
+    with code 1."""
 
 
 def lock_output_dir(path):

@@ -12,8 +12,8 @@ evaluate and save (end_epoch); the settings, processes and data follow. checkpoi
 run's folder (checkpoints, the lock, the small files). One step (step.py) is forward, loss,
 backward, clip, LAMB and EMA; on a CUDA GPU it is compiled and replayed as CUDA graphs (--eager
 turns that off), and the training images are decoded and augmented on the GPU where it has JPEG
-engines (--data-path). Several processes (torchrun) average gradients and
-BatchNorm statistics after each backward (NCCL on GPUs, gloo on CPU); rank 0 prints and saves.
+engines (--data-path). Several processes (torchrun) average gradients and BatchNorm statistics
+after each backward (NCCL on GPUs, gloo on CPU); rank 0 prints and saves.
 Re-running the same command resumes from <output-dir>/last.pt, mid-epoch included, also on another
 number of GPUs as long as the global batch (GPUs x --batch-size x --accum-steps) is the same.
 SIGTERM or Ctrl-C saves last.pt first (at the current step; under torchrun within 10 steps). Every
