@@ -359,13 +359,14 @@ def train_steps(args, world):
     Under torchrun the step averages gradients over the processes as in training, and images/s
     counts all processes. Prints the one-off warm-up (compile + capture) time, images/s and the
     peak memory."""
+    import recipe
     import train  # here, not at the top: train.py imports this module for --benchmark
     rank, world, device = train.setup_distributed()
     on_cpu = device.type == "cpu"
     if on_cpu and args.batch_size is None:
         args.batch_size = 8  # the recipe's 128 takes minutes a step on a CPU
     args.demo = False
-    train.resolve_config(args, world)
+    recipe.resolve_config(args, world)
     args.amp = args.amp or ("bf16" if not on_cpu else "none")
     log = print if rank == 0 else (lambda *a, **k: None)
     if on_cpu:
@@ -374,7 +375,7 @@ def train_steps(args, world):
     torch.backends.cudnn.benchmark = True
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(args.seed)
-    model = build_model(args.variant, drop_path_rate=args.drop_path_rate, **train.model_overrides(args))
+    model = build_model(args.variant, drop_path_rate=args.drop_path_rate, **recipe.model_overrides(args))
     model = model.to(device, memory_format=torch.channels_last).train()
     ema = ModelEma(model, args.ema_decay) if args.ema_decay > 0 else None
     fast = not on_cpu and not args.eager

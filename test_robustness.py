@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import data
+import recipe
 import train
 from test_train import HERE, TINY_FLAGS, TRAIN_ENV, demo_dir, load, run_train  # noqa: F401 (demo_dir: a fixture)
 
@@ -300,9 +301,9 @@ def test_resume_settings_refused_or_extended(demo_dir, tmp_path, capsys):
     config = json.loads((out / "config.json").read_text())
     assert config["epochs"] == 5 and config["extended_from"][0] == pytest.approx(1 + 7 / STEPS_PER_EPOCH)
     lrs = [s["lr"] for s in steps_log(out)]  # step 20 where the 3-epoch cosine had it, then a gentler one
-    assert lrs[20] == pytest.approx(train.lr_at(1 + 7 / STEPS_PER_EPOCH, argparse.Namespace(**old)), rel=1e-12)
+    assert lrs[20] == pytest.approx(recipe.lr_at(1 + 7 / STEPS_PER_EPOCH, argparse.Namespace(**old)), rel=1e-12)
     assert lrs[19] > lrs[20] > lrs[21] > lrs[20] - (lrs[19] - lrs[20])
-    fresh = train.lr_at(1 + 7 / STEPS_PER_EPOCH, argparse.Namespace(**(config | dict(extended_from=None))))
+    fresh = recipe.lr_at(1 + 7 / STEPS_PER_EPOCH, argparse.Namespace(**(config | dict(extended_from=None))))
     assert fresh > 1.5 * lrs[20]  # what a plain --epochs 5 schedule would have jumped to
     assert load(out / "last.pt")["config"]["extended_from"] == config["extended_from"]
 

@@ -21,6 +21,7 @@ import data
 import jpeg
 import step
 import synthetic
+import recipe
 import train
 from model import build_model
 
@@ -197,7 +198,7 @@ def test_param_groups_exclude_biases_and_1d():
 def test_learning_rate_schedule():
     # 5 steps an epoch; warmup 3 epochs (15 steps); cosine spans 10 - 2 = 8 epochs (40 steps) from step 0
     args = SimpleNamespace(lr=1.0, warmup_lr=0.1, min_lr=0.01, warmup_epochs=3, epochs=10, cooldown_epochs=2)
-    lr = lambda step: train.lr_at(step / 5, args)  # noqa: E731
+    lr = lambda step: recipe.lr_at(step / 5, args)  # noqa: E731
     assert lr(0) == pytest.approx(0.1)  # warmup_lr
     assert lr(14) == pytest.approx(0.1 + 0.9 * 14 / 15)  # last warmup step
     assert lr(15) == pytest.approx(0.01 + 0.495 * (1 + math.cos(math.pi * 15 / 40)))  # cosine, part-way along
@@ -207,9 +208,9 @@ def test_learning_rate_schedule():
     assert lr(14) > lr(15) > lr(20) > lr(39) > lr(40)
     # extended at epoch 5 (step 25) to 14 epochs: a cosine from lr(25) to min_lr at epoch 12, no jump
     longer = SimpleNamespace(**vars(args) | dict(epochs=14, extended_from=[5.0, lr(25)]))
-    assert train.lr_at(5.0, longer) == pytest.approx(lr(25))
-    assert train.lr_at(8.5, longer) == pytest.approx(0.01 + 0.5 * (lr(25) - 0.01))  # half way to epoch 12
-    assert train.lr_at(12.0, longer) == pytest.approx(0.01)
+    assert recipe.lr_at(5.0, longer) == pytest.approx(lr(25))
+    assert recipe.lr_at(8.5, longer) == pytest.approx(0.01 + 0.5 * (lr(25) - 0.01))  # half way to epoch 12
+    assert recipe.lr_at(12.0, longer) == pytest.approx(0.01)
 
 
 # ---------------------------------------------------------------------------------------------- EMA, losses
@@ -339,7 +340,7 @@ def test_accumulation_on_one_process_equals_two_processes(demo_dir, tmp_path):
         assert r.returncode == 0, r.stderr[-2000:]
     ddp, accum = load(tmp_path / "ddp" / "last.pt"), load(tmp_path / "accum" / "last.pt")
     assert ddp["step"] == accum["step"] == 7 and ddp["images"] == accum["images"] == 7 * 8
-    tiny = build_model("t", num_classes=10, **train.model_overrides(SimpleNamespace(
+    tiny = build_model("t", num_classes=10, **recipe.model_overrides(SimpleNamespace(
         model_overrides=json.loads(TINY), window_size=None)))
     params = [name for name, _ in tiny.named_parameters()]  # not the buffers: see above
 
