@@ -21,6 +21,7 @@ import torch.distributed as dist
 from PIL import Image
 
 import data
+import recipe
 import scan
 from data import (RANDOM_INTERPOLATIONS, EpochSampler, ImageFolder, Params, TrainTransform, apply_rand_augment,
                   load_rgb, make_loader, to_uint8_tensor)
@@ -359,7 +360,6 @@ def train_steps(args, world):
     Under torchrun the step averages gradients over the processes as in training, and images/s
     counts all processes. Prints the one-off warm-up (compile + capture) time, images/s and the
     peak memory."""
-    import recipe
     import train  # here, not at the top: train.py imports this module for --benchmark
     rank, world, device = train.setup_distributed()
     on_cpu = device.type == "cpu"
