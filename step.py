@@ -5,7 +5,8 @@
 
 A step, for each micro-batch (uint8 images, erase boxes, labels, mixup/cutmix choice, seed):
 normalise and erase, mixup/cutmix, forward, soft-target cross-entropy (+ MESA's distillation from
-the EMA teacher), backward of loss / micro-batches into .grad. Then, on several processes, one
+the EMA teacher), backward of loss / micro-batches: it stores fresh gradients in .grad (no add into
+zeros), and with several micro-batches their sum is kept aside between them. Then, on several processes, one
 all-reduce averages the gradients and the BatchNorm running statistics (so every rank holds the
 same network at every step), and the gradient norm decides:
     finite     -> clip, optimizer (LAMB), EMA update;
@@ -22,7 +23,8 @@ each captured once as a CUDA graph (`CapturedCall`) and replayed: two launches a
 instead of ~1,500 kernels launched one by one from Python, which is what bounds an eager
 MambaVision step. The learning rate and the mixup choice enter the graphs as device tensors and
 the finite test is one, so one capture serves the whole schedule; the forward graph is captured
-again only when MESA switches on. Where compiling or capturing fails, one warning names the reason
+again only when MESA switches on (and the update after it: it reads the gradients where the
+forward graph's backward writes them). Where compiling or capturing fails, one warning names the reason
 and the step goes on eagerly: the same function, with the same results up to rounding.
 """
 import collections
@@ -162,6 +164,32 @@ def batchnorm_statistics(model):
             and m.running_mean is not None for buf in (m.running_mean, m.running_var)]
 
 
+class BufferSnapshot:
+    """A module's buffers (BatchNorm statistics and counters), saved before a step and put back after
+    a skipped one in a few launches: each dtype's buffers as one flat copy, not two kernels a buffer."""
+
+    def __init__(self, buffers):
+        groups = {}
+        for b in buffers:
+            groups.setdefault(b.dtype, []).append(b)
+        self.groups = list(groups.values())
+        self.saved = [self._flat(g) for g in self.groups]
+
+    @staticmethod
+    def _flat(buffers, out=None):
+        return torch.cat([b.reshape(-1) for b in buffers], out=out)
+
+    def save(self):
+        for group, saved in zip(self.groups, self.saved):
+            self._flat(group, out=saved)
+
+    def restore(self, unless=None):
+        """Put the saved values back; with `unless` (a 0-dim bool tensor), only where it is False."""
+        for group, saved in zip(self.groups, self.saved):
+            flat = saved if unless is None else torch.where(unless, self._flat(group), saved)
+            torch._foreach_copy_(group, [f.view_as(b) for f, b in zip(flat.split([b.numel() for b in group]), group)])
+
+
 def all_reduce_mean_(tensors):
     """Average tensors over the ranks, in place, with one collective on one flat buffer."""
     if not tensors:
@@ -190,12 +218,10 @@ class TrainStep:
         self.num_classes, self.world_size, self.settings = num_classes, world_size, settings
         device = next(model.parameters()).device
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
-        for p in self.params:  # the fast path's .grad, made once: each backward adds into them, each step zeroes them
-            p.grad = torch.zeros_like(p)
-        self.grads = [p.grad for p in self.params]
+        self.grads = []  # the gradients the update reads: where the last backward stored them
+        self.grad_sum = None  # with several micro-batches: the sum of those before the last
         self.statistics = batchnorm_statistics(model)
-        self.buffers = list(model.buffers())
-        self.saved_buffers = [b.clone() for b in self.buffers]
+        self.buffers = BufferSnapshot(list(model.buffers()))
         self.mean = torch.tensor(data.IMAGENET_MEAN, device=device)
         self.std = torch.tensor(data.IMAGENET_STD, device=device)
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": torch.float32}[settings.amp]
@@ -223,7 +249,9 @@ class TrainStep:
         self.queued = collections.deque()  # CUDA: an event after each step still queued on the GPU
 
     def _forward_backward(self, x, boxes, labels, mix, use_mesa):
-        """One micro-batch: returns its loss (detached); its gradient is added into .grad."""
+        """One micro-batch: returns its loss (detached); its gradients are stored fresh in .grad."""
+        for p in self.params:  # inside a captured graph: into the graph's memory, rewritten by every replay
+            p.grad = None
         x = data.normalize_and_erase(x, boxes, self.mean, self.std)       # uint8 -> normalised float32
         x, target = data.mix_batch(x, labels, mix, self.num_classes, self.settings.smoothing)
         with self.autocast:
@@ -238,7 +266,7 @@ class TrainStep:
 
     def _update(self, loss, lr):
         """After the micro-batches: the gradient norm, the finite test, clip (and undo the fp16 loss
-        scale), optimizer step, EMA update, zero the gradients; returns (loss, grad_norm, finite).
+        scale), optimizer step, EMA update; returns (loss, grad_norm, finite).
         Everything stays on the device: a non-finite step is skipped by the kernels (`skip`), and
         the BatchNorm statistics its forward moved are put back, without the host waiting."""
         grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(self.grads))) / self.loss_scale
@@ -246,11 +274,9 @@ class TrainStep:
         finite = torch.isfinite(total)  # ranks agree: the norm and the statistics are the averaged ones
         clip = torch.clamp(self.max_norm / (grad_norm + 1e-6), max=1.0) if self.max_norm < math.inf else 1.0
         self.optimizer.step(lr, grad_scale=self.loss_scale / clip, skip=(~finite).float())
-        for b, saved in zip(self.buffers, self.saved_buffers):
-            b.copy_(torch.where(finite, b, saved))
+        self.buffers.restore(unless=finite)
         if self.ema is not None:  # as timm's: the EMA steps also when the step was skipped
             self.ema.update()
-        torch._foreach_zero_(self.grads)
         if self.scaling:  # halve the scale on an overflow, double it after 2000 good steps in a row
             good = torch.where(finite, self.good_steps + 1, 0)
             self.loss_scale.mul_(torch.where(finite, torch.where(good == 2000, 2.0, 1.0), 0.5))
@@ -272,31 +298,42 @@ class TrainStep:
                 return self._step(micro_batches, lr, use_mesa)
             except FastPathUnavailable as e:
                 warnings.warn(f"the fast training path is off ({e}): training eagerly", stacklevel=2)
-                torch._foreach_copy_(self.buffers, self.saved_buffers)  # the failed try moved nothing else
-                torch._foreach_zero_(self.grads)
+                self.buffers.restore()  # the failed try moved nothing else
                 self.fast, self.student = False, self.model
                 self.teacher = self.ema.module if self.ema is not None else None
                 self.forward_backward, self.update = self._forward_backward, self._update
         return self._step(micro_batches, lr, use_mesa)
 
     def _step(self, micro_batches, lr, use_mesa):
-        torch._foreach_copy_(self.saved_buffers, self.buffers)  # a skipped step puts the statistics back
-        if not self.fast:  # eager: the first backward stores fresh gradients, no adding into zeros
-            for p in self.params:
-                p.grad = None
-            self.grads = []  # nor keeping the last step's alive beside them
+        self.buffers.save()  # a skipped step puts the statistics back
         loss = 0.0
-        for x, boxes, labels, mix, seed in micro_batches:
+        for i, (x, boxes, labels, mix, seed) in enumerate(micro_batches):
             torch.manual_seed(seed)  # erase noise and drop path draw from torch's generator
             loss = loss + self.forward_backward(x, boxes, labels, mix, use_mesa=use_mesa)
-        if not self.fast:
-            for p in self.params:
-                if p.grad is None:  # a parameter this step's graph did not reach
-                    p.grad = torch.zeros_like(p)
-            self.grads = [p.grad for p in self.params]
+            if i < len(micro_batches) - 1:  # the next backward overwrites .grad: keep the sum so far
+                if self.grad_sum is None:
+                    self.grad_sum = [torch.zeros_like(p) for p in self.params]
+                (torch._foreach_add_ if i else torch._foreach_copy_)(self.grad_sum, self._gradients())
+        if len(micro_batches) > 1:
+            torch._foreach_add_(self._gradients(), self.grad_sum)
+        self._gradients()
         if self.world_size > 1:
             all_reduce_mean_(self.grads + self.statistics)
         return self.update(loss / len(micro_batches), self.lr.fill_(lr)).clone()  # a replay overwrites its output
+
+    def _gradients(self):
+        """The parameters' .grad as the last backward left them (zeros where it reached none), kept in
+        self.grads for the update. Where they moved (eager steps; a new forward graph), the update's
+        graph, which reads them at fixed addresses, is captured again."""
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        grads = [p.grad for p in self.params]
+        if len(grads) != len(self.grads) or any(g is not h for g, h in zip(grads, self.grads)):
+            self.grads = grads
+            if isinstance(self.update, CapturedCall):
+                self.update.forget()
+        return self.grads
 
 
 # ----------------------------------------------------------------------------------------------
@@ -359,6 +396,10 @@ class CapturedCall:
     def __init__(self, fn, name, log, warmup=2):
         self.fn, self.name, self.log, self.warmup = fn, name, log, warmup
         self.key, self.calls, self.graph = None, 0, None
+
+    def forget(self):
+        """Drop the capture (what it reads moved): the next calls warm up and capture again."""
+        self.key = None
 
     def __call__(self, *args, **static):
         if static != self.key:
