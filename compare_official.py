@@ -8,8 +8,10 @@ grad, bf16 autocast, channels_last. Training: forward, cross-entropy, backward a
 same settings, then train.py's own step (step.TrainStep: uint8 batch normalised on the GPU, soft-target
 cross-entropy, backward, AdamW, no EMA / MESA / mixup / clip) eager (`train.py --eager`) and on its
 default fast path (torch.compile + CUDA graphs of the whole step). Each row
-is images/s (median of --repeats timed runs of --iters steps, CUDA events) and the peak allocated
-memory. With --profile, each row is followed by where its GPU time goes
+is images/s (median of --repeats timed runs of --iters steps, CUDA events; the rows of a table
+block are set up first and then timed in turns, one run each, so that drift of the GPU's clocks
+or the host's load over the minutes of a block touches every row alike) and the peak memory
+allocated by the row's own set-up and steps. With --profile, each row is followed by where its GPU time goes
 (torch.profiler over 3 steps): kernel time per step by kind, the largest kernels, and how busy the GPU
 was (kernel time over wall time; well under 100% means the step waits on the CPU to launch work).
 """
@@ -115,9 +117,13 @@ def train_py_step(model, x, y, fast):
     return lambda: step(batch, 1e-4, use_mesa=False)
 
 
-def measure(name, model, mode, batch, args, path=None):
-    torch.cuda.empty_cache()
+def prepare(model, mode, batch, path=None):
+    """The step of one row and its peak memory: allocated during its set-up and warm-up, over what
+    was allocated before (the other rows' models stay alive, to be timed beside it)."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
+    model = model()
     x = torch.randn(batch, 3, 224, 224, device="cuda").to(memory_format=torch.channels_last)
     y = torch.randint(0, 1000, (batch,), device="cuda")
     if mode == "infer":
@@ -126,12 +132,38 @@ def measure(name, model, mode, batch, args, path=None):
         step = train_step(model.train(), x, y)
     else:
         step = train_py_step(model.train(), x, y, fast=path == "fast")
-    seconds = time_steps(step, args.iters, args.repeats)
-    peak = torch.cuda.max_memory_allocated() / 2 ** 30
-    print(f"| {name} | {mode} | {batch} | {batch / seconds:,.0f} | {peak:.2f} |", flush=True)
-    if args.profile:
-        profile_steps(step)
-    return batch / seconds
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    return step, (torch.cuda.max_memory_allocated() - before) / 2 ** 30
+
+
+def compare(variant, mode, batch, args):
+    """One table block: each row's step set up in turn, then timed in rounds, one run of each row a
+    round, so that the GPU's clocks and the host's load drift alike for all rows; the median run."""
+    ours = lambda: build_model(variant).cuda().to(memory_format=torch.channels_last)  # noqa: E731
+
+    def theirs():
+        model = official_model(variant).cuda().to(memory_format=torch.channels_last)
+        model.load_state_dict(build_model(variant).state_dict())
+        return model
+
+    rows = [(f"official {variant}", theirs, None), (f"ours {variant}", ours, None)]
+    if mode == "infer" and not args.no_compile:
+        rows.append((f"ours {variant}, compiled", lambda: torch.compile(ours(), fullgraph=True), None))
+    if mode == "train":
+        rows += [(f"ours {variant}, train.py --eager", ours, "eager"), (f"ours {variant}, train.py default", ours, "fast")]
+    steps = {name: prepare(model, mode, batch, path) for name, model, path in rows}
+    seconds = {name: [] for name in steps}
+    for _ in range(args.repeats):
+        for name, (step, _) in steps.items():
+            seconds[name].append(seconds_per_call(step, args.iters))
+    base = batch / statistics.median(seconds[rows[0][0]])
+    for name, (step, peak) in steps.items():
+        rate = batch / statistics.median(seconds[name])
+        print(f"| {name} | {mode} | {batch} | {rate:,.0f} | {rate / base:.2f}x | {peak:.2f} |", flush=True)
+        if args.profile:
+            profile_steps(step)
 
 
 def main():
@@ -140,37 +172,19 @@ def main():
     p.add_argument("--infer-batch", type=int, default=256, help="inference batch size")
     p.add_argument("--train-batch", type=int, default=128, help="training batch size")
     p.add_argument("--iters", type=int, default=20, help="steps per timed run")
-    p.add_argument("--repeats", type=int, default=5, help="timed runs; the median is reported")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs of each row, interleaved; the median is reported")
     p.add_argument("--modes", nargs="+", choices=("infer", "train"), default=["infer", "train"],
                    help="inference and/or training rows")
-    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile inference row")
     p.add_argument("--profile", action="store_true", help="after each row, where its GPU time goes")
     args = p.parse_args()
     torch.backends.cudnn.benchmark = True
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
-    print("| model | mode | batch | images/s | peak GiB |\n|---|---|---|---|---|")
+    print("| model | mode | batch | images/s | ratio to official | peak GiB |\n|---|---|---|---|---|---|")
     for variant in args.variants:
         for mode in args.modes:
-            batch = args.infer_batch if mode == "infer" else args.train_batch
-            ours = build_model(variant).cuda().to(memory_format=torch.channels_last)
-            theirs = official_model(variant).cuda().to(memory_format=torch.channels_last)
-            theirs.load_state_dict(ours.state_dict())
-            base = measure(f"official {variant}", theirs, mode, batch, args)
-            del theirs
-            rate = measure(f"ours {variant}", ours, mode, batch, args)
-            print(f"|  ratio ours/official | | | {rate / base:.2f}x | |")
-            compiled = None
-            if not args.no_compile and mode == "infer":
-                compiled = torch.compile(ours, fullgraph=True)
-                rate = measure(f"ours {variant}, compiled", compiled, mode, batch, args)
-                print(f"|  ratio compiled/official | | | {rate / base:.2f}x | |")
-            del ours, compiled
-            if mode == "train":
-                for path in ("eager", "fast"):
-                    model = build_model(variant).cuda().to(memory_format=torch.channels_last)
-                    rate = measure(f"ours {variant}, train.py {'--eager' if path == 'eager' else 'default'}",
-                                   model, mode, batch, args, path)
-                    print(f"|  ratio train.py {path}/official | | | {rate / base:.2f}x | |")
+            compare(variant, mode, args.infer_batch if mode == "infer" else args.train_batch, args)
+            torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":
