@@ -252,6 +252,7 @@ class TrainStep:
         """One micro-batch: returns its loss (detached); its gradients are stored fresh in .grad."""
         for p in self.params:  # inside a captured graph: into the graph's memory, rewritten by every replay
             p.grad = None
+        self.grads = []  # nor keep the last ones alive beside them (a replay does not run this line)
         x = data.normalize_and_erase(x, boxes, self.mean, self.std)       # uint8 -> normalised float32
         x, target = data.mix_batch(x, labels, mix, self.num_classes, self.settings.smoothing)
         with self.autocast:
