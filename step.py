@@ -315,9 +315,9 @@ class TrainStep:
                 if self.grad_sum is None:
                     self.grad_sum = [torch.zeros_like(p) for p in self.params]
                 (torch._foreach_add_ if i else torch._foreach_copy_)(self.grad_sum, self._gradients())
+        grads = self._gradients()
         if len(micro_batches) > 1:
-            torch._foreach_add_(self._gradients(), self.grad_sum)
-        self._gradients()
+            torch._foreach_add_(grads, self.grad_sum)
         if self.world_size > 1:
             all_reduce_mean_(self.grads + self.statistics)
         return self.update(loss / len(micro_batches), self.lr.fill_(lr)).clone()  # a replay overwrites its output
