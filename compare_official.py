@@ -6,7 +6,7 @@ Both networks get the same weights, the same inputs and the same scan (official.
 official code's scan at ours), so the ratios measure the model code alone. Inference: eval mode, no
 grad, bf16 autocast, channels_last. Training: forward, cross-entropy, backward and a fused AdamW step,
 same settings, then train.py's own step (step.TrainStep: uint8 batch normalised on the GPU, soft-target
-cross-entropy, backward, AdamW, no EMA / MESA / mixup / clip) eager (`train.py --eager`) and on its
+cross-entropy, backward, AdamW; mixup's kernels run with its "neither" choice; no EMA / MESA / clip) eager (`train.py --eager`) and on its
 default fast path (torch.compile + CUDA graphs of the whole step). Each row
 is images/s (median of --repeats timed runs of --iters steps, CUDA events; the rows of a table
 block are set up first and then timed in turns, one run each, so that drift of the GPU's clocks
