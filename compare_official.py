@@ -5,15 +5,16 @@
 Both networks get the same weights, the same inputs and the same scan (official.py points the
 official code's scan at ours), so the ratios measure the model code alone. Inference: eval mode, no
 grad, bf16 autocast, channels_last. Training: forward, cross-entropy, backward and a fused AdamW step,
-same settings, then train.py's own step (step.TrainStep: uint8 batch normalised on the GPU, soft-target
-cross-entropy, backward, AdamW; mixup's kernels run with its "neither" choice; no EMA / MESA / clip) eager (`train.py --eager`) and on its
-default fast path (torch.compile + CUDA graphs of the whole step). Each row
-is images/s (median of --repeats timed runs of --iters steps, CUDA events; the rows of a table
-block are set up first and then timed in turns, one run each, so that drift of the GPU's clocks
-or the host's load over the minutes of a block touches every row alike) and the peak memory
-allocated by the row's own set-up and steps. With --profile, each row is followed by where its GPU time goes
-(torch.profiler over 3 steps): kernel time per step by kind, the largest kernels, and how busy the GPU
-was (kernel time over wall time; well under 100% means the step waits on the CPU to launch work).
+same settings, then train.py's own step (step.TrainStep: uint8 batch normalised on the GPU,
+soft-target cross-entropy, backward, AdamW; mixup's kernels run with its "neither" choice; no EMA,
+MESA or clip) eager (`train.py --eager`) and on its default fast path (torch.compile + CUDA graphs of
+the whole step). Each row is images/s (median of --repeats timed runs of --iters steps, CUDA events;
+the rows of a table block are set up first and then timed in turns, one run each, so that drift of
+the GPU's clocks or the host's load over the minutes of a block touches every row alike) and the
+peak memory allocated by the row's own set-up and steps. With --profile, each row is followed by
+where its GPU time goes (torch.profiler over 3 steps): kernel time per step by kind, the largest
+kernels, and how busy the GPU was (kernel time over wall time; well under 100% means the step waits
+on the CPU to launch work).
 """
 import argparse
 import statistics
@@ -152,7 +153,8 @@ def compare(variant, mode, batch, args):
     if mode == "infer" and not args.no_compile:
         rows.append((f"ours {variant}, compiled", lambda: torch.compile(ours(), fullgraph=True), None))
     if mode == "train":
-        rows += [(f"ours {variant}, train.py --eager", ours, "eager"), (f"ours {variant}, train.py default", ours, "fast")]
+        rows += [(f"ours {variant}, train.py --eager", ours, "eager"),
+                 (f"ours {variant}, train.py default", ours, "fast")]
     steps = {name: prepare(model, mode, batch, path) for name, model, path in rows}
     seconds = {name: [] for name in steps}
     for _ in range(args.repeats):
