@@ -53,8 +53,10 @@ QUEUED_STEPS = 2
 # Losses
 
 def soft_cross_entropy(logits, target):
-    """Cross-entropy against soft targets (B, K), mean over the batch, in float32."""
-    return torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+    """Cross-entropy against soft targets (B, K): -sum_k target * log_softmax(logits), mean over the
+    batch, in float32 (F.cross_entropy takes probabilities as the target: fewer launches than the
+    sum written out)."""
+    return F.cross_entropy(logits.float(), target)
 
 
 def mesa_loss(logits, ema_logits, weight, temperature=3.0):
@@ -84,7 +86,7 @@ class Lamb(torch.optim.Optimizer):
 
     def __init__(self, params, betas=(0.9, 0.999), eps=1e-8, trust_ratio=True):
         super().__init__(params, dict(betas=tuple(betas), eps=eps, weight_decay=0.0))
-        self.trust_ratio, self.scratch = trust_ratio, {}
+        self.trust_ratio, self.scratch, self.lists = trust_ratio, {}, None
 
     @torch.no_grad()
     def step(self, lr, grad_scale=None, skip=None):
@@ -94,23 +96,17 @@ class Lamb(torch.optim.Optimizer):
         The Adam part (m, v, and the bias-corrected direction) is PyTorch's fused AdamW kernel,
         one pass over the parameters; LAMB adds the trust ratio on top."""
         keep = 1 - skip if skip is not None else 1.0
-        for group in self.param_groups:
-            params = group["params"]
+        for index, (group, (params, m, v, steps)) in enumerate(zip(self.param_groups, self._state_lists())):
             if not params:
                 continue
-            for p in params:
-                if not self.state[p]:  # t as a float tensor: load_state_dict moves it to p's device
-                    self.state[p].update(t=torch.zeros((), dtype=p.dtype, device=p.device), exp_avg=torch.zeros_like(p),
-                                         exp_avg_sq=torch.zeros_like(p))
             (b1, b2), eps, wd = group["betas"], group["eps"], group["weight_decay"]
             grads = [p.grad for p in params]
-            m, v, steps = ([self.state[p][k] for p in params] for k in ("exp_avg", "exp_avg_sq", "t"))
             torch._foreach_add_(steps, [keep] * len(steps))  # a list: adding one tensor to all is not capturable
             adam = dict(beta1=b1, beta2=b2, eps=eps, amsgrad=False, maximize=False, grad_scale=grad_scale,
                         found_inf=skip)
             if wd > 0 and self.trust_ratio:
                 # u = m_hat / (sqrt(v_hat) + eps): AdamW with lr -1 and no decay, run on zeros
-                update = self._zeros(params)
+                update = self._zeros(index, params)
                 torch._fused_adamw_(update, grads, m, v, [], steps, lr=-1.0, weight_decay=0.0, **adam)
                 torch._foreach_add_(update, params, alpha=wd)                      # u + wd * p
                 w_norm = torch.stack(torch._foreach_norm(params))
@@ -121,13 +117,29 @@ class Lamb(torch.optim.Optimizer):
             else:  # p = p - lr * wd * p - lr * m_hat / (sqrt(v_hat) + eps)
                 torch._fused_adamw_(params, grads, m, v, [], steps, lr=lr, weight_decay=wd, **adam)
 
-    def _zeros(self, params):
-        """Zeroed tensors shaped as `params`, made once and kept (a CUDA graph needs fixed addresses)."""
-        key = tuple(id(p) for p in params)
-        if key not in self.scratch:
-            self.scratch[key] = [torch.zeros_like(p) for p in params]
-        torch._foreach_zero_(self.scratch[key])
-        return self.scratch[key]
+    def _state_lists(self):
+        """Per group: (params, exp_avg, exp_avg_sq, t) as lists, made when the state is (first step,
+        load_state_dict) and kept: four lookups per tensor are host time an eager step waits on."""
+        if self.lists is None:
+            for p in (p for g in self.param_groups for p in g["params"]):
+                if not self.state[p]:  # t as a float tensor: load_state_dict moves it to p's device
+                    self.state[p].update(t=torch.zeros((), dtype=p.dtype, device=p.device), exp_avg=torch.zeros_like(p),
+                                         exp_avg_sq=torch.zeros_like(p))
+            self.lists = [(g["params"], *([self.state[p][k] for p in g["params"]] for k in ("exp_avg", "exp_avg_sq", "t")))
+                          for g in self.param_groups]
+        return self.lists
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        self.lists = None  # the state's tensors are new ones
+
+    def _zeros(self, index, params):
+        """Zeroed tensors shaped as group `index`'s `params`, made once and kept (a CUDA graph needs
+        fixed addresses)."""
+        if index not in self.scratch:
+            self.scratch[index] = [torch.zeros_like(p) for p in params]
+        torch._foreach_zero_(self.scratch[index])
+        return self.scratch[index]
 
 
 def param_groups(model, weight_decay):
@@ -166,28 +178,36 @@ def batchnorm_statistics(model):
 
 class BufferSnapshot:
     """A module's buffers (BatchNorm statistics and counters), saved before a step and put back after
-    a skipped one in a few launches: each dtype's buffers as one flat copy, not two kernels a buffer."""
+    a skipped one in a few launches: per dtype one flat copy and multi-tensor copies through views
+    made once, not two kernels and a few Python calls a buffer."""
 
     def __init__(self, buffers):
         groups = {}
         for b in buffers:
             groups.setdefault(b.dtype, []).append(b)
         self.groups = list(groups.values())
-        self.saved = [self._flat(g) for g in self.groups]
+        self.saved = [torch.cat([b.reshape(-1) for b in g]) for g in self.groups]  # flat, one per dtype
+        self.current = [torch.empty_like(f) for f in self.saved]
+        self.saved_views, self.current_views = ([self._views(f, g) for f, g in zip(flats, self.groups)]
+                                                for flats in (self.saved, self.current))
 
     @staticmethod
-    def _flat(buffers, out=None):
-        return torch.cat([b.reshape(-1) for b in buffers], out=out)
+    def _views(flat, buffers):
+        return [f.view_as(b) for f, b in zip(flat.split([b.numel() for b in buffers]), buffers)]
 
     def save(self):
-        for group, saved in zip(self.groups, self.saved):
-            self._flat(group, out=saved)
+        for group, saved in zip(self.groups, self.saved_views):
+            torch._foreach_copy_(saved, group)
 
     def restore(self, unless=None):
         """Put the saved values back; with `unless` (a 0-dim bool tensor), only where it is False."""
-        for group, saved in zip(self.groups, self.saved):
-            flat = saved if unless is None else torch.where(unless, self._flat(group), saved)
-            torch._foreach_copy_(group, [f.view_as(b) for f, b in zip(flat.split([b.numel() for b in group]), group)])
+        for group, saved, current, current_views in zip(self.groups, self.saved, self.current, self.current_views):
+            if unless is None:
+                torch._foreach_copy_(group, self._views(saved, group))
+                continue
+            torch._foreach_copy_(current_views, group)
+            torch.where(unless, current, saved, out=current)
+            torch._foreach_copy_(group, current_views)
 
 
 def all_reduce_mean_(tensors):
@@ -270,9 +290,9 @@ class TrainStep:
         scale), optimizer step, EMA update; returns (loss, grad_norm, finite).
         Everything stays on the device: a non-finite step is skipped by the kernels (`skip`), and
         the BatchNorm statistics its forward moved are put back, without the host waiting."""
-        grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(self.grads))) / self.loss_scale
-        total = grad_norm + (torch.stack(torch._foreach_norm(self.statistics)).sum() if self.statistics else 0)
-        finite = torch.isfinite(total)  # ranks agree: the norm and the statistics are the averaged ones
+        norms = torch.stack(torch._foreach_norm(self.grads + self.statistics))  # one launch for both
+        grad_norm = torch.linalg.vector_norm(norms[:len(self.grads)]) / self.loss_scale
+        finite = torch.isfinite(norms.sum())  # ranks agree: the norms are of the averaged gradients and statistics
         clip = torch.clamp(self.max_norm / (grad_norm + 1e-6), max=1.0) if self.max_norm < math.inf else 1.0
         self.optimizer.step(lr, grad_scale=self.loss_scale / clip, skip=(~finite).float())
         self.buffers.restore(unless=finite)
