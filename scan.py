@@ -98,7 +98,8 @@ def selective_scan_bwd_ref(u, delta, A, B, C, D, delta_bias, dy, delta_softplus=
 
 
 # ---------------------------------------------------------------------------------------------
-# The CUDA kernels (scan_cuda.cu): built on first use, wrapped as torch.library custom ops.
+# The CUDA kernels (scan_cuda.cu): built on first use, called directly in eager mode and through
+# torch.library custom ops under torch.compile.
 
 _KERNEL_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # dtype -> scan_cuda.cu's code
 _KERNEL_MAX_STATE = 16
@@ -261,9 +262,11 @@ def _kernel_inputs(u, delta, A, B, C, D, delta_bias):
             *(t.to(dtype).contiguous() for t in (B, C)), D.float().contiguous(), delta_bias.float().contiguous())
 
 
-# Three custom ops. Inference runs `selective_scan` (y only). Training runs `selective_scan_train`,
-# whose forward also returns the segment-entry states that `selective_scan_backward` starts from,
-# so the backward needs no forward pass of its own; autograd saves them between the two.
+# Three custom ops, the kernels as torch.compile sees them (eager mode takes _EagerScan below, the
+# same kernels with less dispatch). Inference runs `selective_scan` (y only). Training runs
+# `selective_scan_train`, whose forward also returns the segment-entry states that
+# `selective_scan_backward` starts from, so the backward needs no forward pass of its own; autograd
+# saves them between the two.
 
 @torch.library.custom_op("mambavision::selective_scan", mutates_args=())
 def _scan_op(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
@@ -347,13 +350,36 @@ _scan_op.register_autograd(_scan_backward, setup_context=_scan_setup_context)
 _scan_train_op.register_autograd(_scan_train_backward, setup_context=_scan_train_setup_context)
 
 
+class _EagerScan(torch.autograd.Function):
+    """The training op's forward and backward as a plain autograd.Function, for eager mode: the same
+    kernels and results, without the custom ops' Python dispatch (about 0.3-0.5 ms of host time a
+    call, which an eager training step pays twice per mixer, and which bounds it: the GPU waits)."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, delta_bias, delta_softplus):
+        args = _kernel_inputs(u, delta, A, B, C, D, delta_bias)
+        seg_state = u.new_empty(_seg_state_shape(u, A), dtype=torch.float32)
+        y = _kernel_fwd(*args, delta_softplus, seg_state=seg_state)
+        ctx.delta_softplus, ctx.dtypes = delta_softplus, [t.dtype for t in (u, delta, A, B, C, D, delta_bias)]
+        ctx.save_for_backward(*args, seg_state)
+        return y.to(u.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        *args, seg_state = ctx.saved_tensors
+        grads = _kernel_bwd(*args, seg_state, dy.to(args[0].dtype).contiguous(), ctx.delta_softplus)
+        return (*(grad.to(dtype) for grad, dtype in zip(grads, ctx.dtypes)), None)
+
+
 def selective_scan(u, delta, A, B, C, D, delta_bias, delta_softplus=True):
     """The one entry the model calls. Arguments as in the module docstring; returns y (b, d, l).
 
     CUDA tensors run the fused kernels of scan_cuda.cu (built on first use), others the reference;
     when gradients are needed, the training forward also saves the states the backward starts from;
     MAMBAVISION_SCAN=ref or =cuda forces one path. The kernels take u, delta, B, C in float32,
-    float16 or bfloat16 and d_state up to 16; anything else runs the reference.
+    float16 or bfloat16 and d_state up to 16; anything else runs the reference. Under torch.compile
+    the kernels are reached through the custom ops above (it cannot trace a ctypes call), in eager
+    mode directly (_EagerScan): the same kernels and the same bits.
     """
     if u.device.type == "meta":  # shapes only (FLOP counts, shape checks): the op's fake impl
         return _scan_op(u, delta, A, B, C, D, delta_bias, delta_softplus)
@@ -365,9 +391,14 @@ def selective_scan(u, delta, A, B, C, D, delta_bias, delta_softplus=True):
     if mode == "ref" or not (u.is_cuda and _kernel_fits(u, A)):
         return selective_scan_ref(u, delta, A, B, C, D, delta_bias, delta_softplus)
     tensors = (u, delta, A, B, C, D, delta_bias)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return _scan_train_op(*tensors, delta_softplus)[0]  # also saves the states for the backward
-    return _scan_op(*tensors, delta_softplus)
+    train = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    if torch.compiler.is_compiling():
+        return _scan_train_op(*tensors, delta_softplus)[0] if train else _scan_op(*tensors, delta_softplus)
+    if not _use_kernel(u, A):  # the kernel could not be built (warned once)
+        return selective_scan_ref(u, delta, A, B, C, D, delta_bias, delta_softplus)
+    if train:
+        return _EagerScan.apply(*tensors, delta_softplus)
+    return _kernel_fwd(*_kernel_inputs(*tensors), delta_softplus).to(u.dtype)
 
 
 def scan_path(device):

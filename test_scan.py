@@ -1,4 +1,4 @@
-"""Tests of the selective scan's fast path (scan_cuda.cu through scan.py's custom ops) and dispatch.
+"""Tests of the selective scan's fast path (scan_cuda.cu, called directly and through scan.py's custom ops) and dispatch.
 
 CPU tests (CI): the hand-written backward against autograd, the custom ops' plumbing (opcheck,
 torch.compile fullgraph), the MAMBAVISION_SCAN switch and the build-failure fallback.
@@ -261,17 +261,27 @@ def test_opcheck_cuda(monkeypatch):
 
 
 @cuda
-def test_inference_op_backward_matches_training_op(monkeypatch):
-    """Gradients through the inference op (which recomputes the states) equal, bit for bit, those
-    through the training op that `selective_scan` uses when inputs need gradients."""
+def test_eager_path_and_custom_ops_agree_bitwise(monkeypatch):
+    """The three ways to the kernels give the same bits: `selective_scan` in eager mode
+    (_EagerScan), the training op torch.compile sees, and the inference op's backward (which
+    recomputes the states)."""
     monkeypatch.setenv("MAMBAVISION_SCAN", "cuda")
     inputs, dy = make_inputs(3, 70, 100, 8, dtype=torch.bfloat16, device="cuda", seed=5)
-    x1 = [t.clone().requires_grad_() for t in inputs]
-    x2 = [t.clone().requires_grad_() for t in inputs]
-    torch.ops.mambavision.selective_scan(*x1, True).backward(dy)
-    scan.selective_scan(*x2).backward(dy)
-    for name, a, b in zip(NAMES, x1, x2):
-        assert torch.equal(a.grad, b.grad), name
+    runs = {"eager": lambda *x: scan.selective_scan(*x),
+            "training op": lambda *x: torch.ops.mambavision.selective_scan_train(*x, True)[0],
+            "inference op": lambda *x: torch.ops.mambavision.selective_scan(*x, True)}
+    results = {}
+    for name, run in runs.items():
+        x = [t.clone().requires_grad_() for t in inputs]
+        y = run(*x)
+        y.backward(dy)
+        results[name] = [y] + [t.grad for t in x]
+        assert all(g.dtype == t.dtype for g, t in zip(results[name][1:], inputs)), name
+    with torch.no_grad():
+        results["eager, no grad"] = [scan.selective_scan(*inputs)]
+    for name, got in results.items():
+        for what, a, b in zip(("y",) + NAMES, got, results["training op"]):
+            assert torch.equal(a, b), f"{name}: {what} differs from the training op's"
 
 
 # ------------------------------------------------------------------ GPU: the whole model
