@@ -1,7 +1,9 @@
-"""Tests of the selective scan's fast path (scan_cuda.cu, called directly and through scan.py's custom ops) and dispatch.
+"""Tests of the selective scan's fast path (scan_cuda.cu, called directly in eager mode and through
+scan.py's custom ops under torch.compile) and its dispatch.
 
-CPU tests (CI): the hand-written backward against autograd, the custom ops' plumbing (opcheck,
-torch.compile fullgraph), the MAMBAVISION_SCAN switch and the build-failure fallback.
+CPU tests (CI): the hand-written backward against autograd, the plumbing of the eager path's
+autograd.Function and of the custom ops (opcheck, torch.compile fullgraph), the MAMBAVISION_SCAN
+switch and the build-failure fallback.
 GPU tests (skipped without CUDA): the kernels against the float64 reference at many shapes,
 every output proven written, bitwise determinism, opcheck, and the whole model.
 """
@@ -66,6 +68,25 @@ def test_op_on_cpu_runs_the_reference_with_gradients():
     assert rel_err(y, want_y) < 1e-5
     for name, t, w in zip(NAMES, x, want):
         assert rel_err(t.grad, w) < 1e-4, name
+
+
+def test_eager_function_plumbing_cpu(monkeypatch):
+    """The eager path's autograd.Function (_EagerScan), its two kernel calls stood in by the
+    reference: what it saves, its dtype casts and the order of its gradients give autograd's
+    gradients of the reference. B in bfloat16 makes it cast the inputs to float32 and back."""
+    monkeypatch.setattr(scan, "_kernel_fwd", lambda *args, seg_state=None: scan.selective_scan_ref(*args))
+    monkeypatch.setattr(scan, "_kernel_bwd", lambda u, delta, A, B, C, D, bias, seg_state, dy, softplus:
+                        scan.selective_scan_bwd_ref(u, delta, A, B, C, D, bias, dy, softplus))
+    inputs, dy = make_inputs(2, 6, 11, 4, seed=9)
+    inputs[3] = inputs[3].to(torch.bfloat16)
+    want_y, want = ref_grads(inputs, dy)
+    x = [t.clone().requires_grad_() for t in inputs]
+    y = scan._EagerScan.apply(*x, True)
+    y.backward(dy)
+    assert y.dtype == torch.float32 and rel_err(y, want_y) < 1e-5
+    for name, t, w in zip(NAMES, x, want):
+        assert t.grad.dtype == t.dtype, name
+        assert rel_err(t.grad, w) < (1e-2 if t.dtype == torch.bfloat16 else 1e-4), name
 
 
 def opcheck_all(inputs, dy):
