@@ -106,6 +106,7 @@ def get_parser():
 def resolve_config(args, world_size, saved=None):
     """Fill every unset flag: from the checkpoint's config when resuming (`saved`), else from the
     demo preset (without --data-dir), else from the variant's recipe. Then check the values."""
+    check_signs(args)  # first: a resumed run's own checks would misread a negative size
     if saved is not None:
         check_resume_settings(args, saved, world_size)
         defaults = {k: saved[k] for k in RUN_KEYS} | dict(workers=saved["workers"],
@@ -123,15 +124,6 @@ def resolve_config(args, world_size, saved=None):
     args.window_size = list(args.window_size) if args.window_size else None
     args.betas = list(args.betas)
     args.world_size = world_size
-    for name in ("batch_size", "accum_steps", "epochs", "img_size", "lr"):
-        if getattr(args, name) <= 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be positive, not {getattr(args, name)}")
-    for name in ("workers", "warmup_lr", "min_lr", "weight_decay", "clip_grad", "drop_path_rate", "ema_decay",
-                 "mesa", "smoothing", "mixup", "cutmix", "reprob", "cooldown_epochs"):
-        if getattr(args, name) < 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be 0 or more, not {getattr(args, name)}")
-    if args.window_size and min(args.window_size) <= 0:
-        raise UsageError(f"--window-size takes 4 positive sizes, not {' '.join(map(str, args.window_size))}")
     unknown = sorted(set(args.model_overrides) - set(_ARCH_KEYS) - {"mlp_ratio", "in_chans"})
     if unknown:
         raise UsageError(f"--model-overrides: unknown key(s) {', '.join(unknown)}; valid: {', '.join(_ARCH_KEYS)}")
@@ -141,6 +133,19 @@ def resolve_config(args, world_size, saved=None):
     if args.ema_decay >= 1 or args.reprob > 1 or args.smoothing >= 1:
         raise UsageError("--ema-decay and --smoothing must be below 1, --reprob at most 1")
     return args
+
+
+def check_signs(args):
+    """The flags given (unset ones are None: the recipe's and a checkpoint's values are valid)."""
+    for name in ("batch_size", "accum_steps", "epochs", "img_size", "lr"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be positive, not {getattr(args, name)}")
+    for name in ("workers", "warmup_lr", "min_lr", "weight_decay", "clip_grad", "drop_path_rate", "ema_decay",
+                 "mesa", "smoothing", "mixup", "cutmix", "reprob", "cooldown_epochs"):
+        if getattr(args, name) is not None and getattr(args, name) < 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be 0 or more, not {getattr(args, name)}")
+    if args.window_size and min(args.window_size) <= 0:
+        raise UsageError(f"--window-size takes 4 positive sizes, not {' '.join(map(str, args.window_size))}")
 
 
 def check_resume_settings(args, saved, world_size):

@@ -443,6 +443,11 @@ def test_resume_from_a_different_run_is_refused(demo_dir, tmp_path, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "the checkpoint's run has global batch 3 (now 4" in err[0], err
+    with pytest.raises(SystemExit) as e:
+        train.main(argv + ["--batch-size", "-3"])  # a bad value is named as such, resuming or not
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--batch-size must be positive, not -3" in err[0], err
 
 
 def test_resume_on_another_world_size_at_the_same_global_batch(demo_dir, tmp_path):
