@@ -201,13 +201,13 @@ class BufferSnapshot:
 
     def restore(self, unless=None):
         """Put the saved values back; with `unless` (a 0-dim bool tensor), only where it is False."""
-        for group, saved, current, current_views in zip(self.groups, self.saved, self.current, self.current_views):
+        for i, group in enumerate(self.groups):
             if unless is None:
-                torch._foreach_copy_(group, self._views(saved, group))
+                torch._foreach_copy_(group, self.saved_views[i])
                 continue
-            torch._foreach_copy_(current_views, group)
-            torch.where(unless, current, saved, out=current)
-            torch._foreach_copy_(group, current_views)
+            torch._foreach_copy_(self.current_views[i], group)  # group -> flat, where, flat -> group
+            torch.where(unless, self.current[i], self.saved[i], out=self.current[i])
+            torch._foreach_copy_(group, self.current_views[i])
 
 
 def all_reduce_mean_(tensors):

@@ -192,6 +192,26 @@ def test_a_non_finite_step_leaves_no_trace(opt):
     assert finite and math.isfinite(loss)  # and the next step trains normally
 
 
+def test_buffer_snapshot_puts_back_exactly_what_it_saved():
+    """BufferSnapshot over float32 statistics and int64 counters: restore(unless=True) keeps the
+    current values, restore(unless=False) and restore() put the saved ones back, bit for bit."""
+    model = torch.nn.Sequential(torch.nn.BatchNorm2d(3), torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4)).train()
+    snapshot = step.BufferSnapshot(list(model.buffers()))
+    model(torch.randn(2, 3, 5, 5))
+    saved = {k: v.clone() for k, v in model.named_buffers()}
+    snapshot.save()
+    model(torch.randn(2, 3, 5, 5))
+    moved = {k: v.clone() for k, v in model.named_buffers()}
+    assert all(not torch.equal(moved[k], saved[k]) for k in saved)
+    snapshot.restore(unless=torch.tensor(True))
+    assert all(torch.equal(v, moved[k]) for k, v in model.named_buffers())
+    snapshot.restore(unless=torch.tensor(False))
+    assert all(torch.equal(v, saved[k]) for k, v in model.named_buffers())
+    model(torch.randn(2, 3, 5, 5))
+    snapshot.restore()
+    assert all(torch.equal(v, saved[k]) and v.dtype == saved[k].dtype for k, v in model.named_buffers())
+
+
 def test_param_groups_exclude_biases_and_1d():
     model = build_model("t", num_classes=10, **{k: tuple(v) if isinstance(v, list) else v
                                                   for k, v in json.loads(TINY).items()})
