@@ -18,6 +18,7 @@ on the CPU to launch work).
 """
 import argparse
 import statistics
+import sys
 from types import SimpleNamespace
 
 import torch
@@ -180,6 +181,13 @@ def main():
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile inference row")
     p.add_argument("--profile", action="store_true", help="after each row, where its GPU time goes")
     args = p.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("compare_official.py needs a CUDA GPU")
+    try:
+        official_model("t")
+    except ImportError as e:
+        sys.exit(f"the official package is not importable ({e}): pip install --no-deps mambavision==1.2.0 "
+                 "timm einops (timm needs torchvision)")
     torch.backends.cudnn.benchmark = True
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
     print("| model | mode | batch | images/s | ratio to official | peak GiB |\n|---|---|---|---|---|---|")
