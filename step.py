@@ -292,7 +292,9 @@ class TrainStep:
         the BatchNorm statistics its forward moved are put back, without the host waiting."""
         norms = torch.stack(torch._foreach_norm(self.grads + self.statistics))  # one launch for both
         grad_norm = torch.linalg.vector_norm(norms[:len(self.grads)]) / self.loss_scale
-        finite = torch.isfinite(norms.sum())  # ranks agree: the norms are of the averaged gradients and statistics
+        # inf or NaN anywhere, or a gradient norm too large to square; ranks agree: the norms are of
+        # the averaged gradients and statistics
+        finite = torch.isfinite(grad_norm + norms.sum())
         clip = torch.clamp(self.max_norm / (grad_norm + 1e-6), max=1.0) if self.max_norm < math.inf else 1.0
         self.optimizer.step(lr, grad_scale=self.loss_scale / clip, skip=(~finite).float())
         self.buffers.restore(unless=finite)

@@ -192,6 +192,24 @@ def test_a_non_finite_step_leaves_no_trace(opt):
     assert finite and math.isfinite(loss)  # and the next step trains normally
 
 
+def test_a_gradient_norm_too_large_for_float32_skips_the_step():
+    """Every gradient and every tensor's norm finite, but their total norm overflows float32 (a loss
+    scale grown large, as fp16's dynamic one may over a long run): the step is skipped, not taken
+    with a clip of 0. The scale is set between the two: largest norm x scale < sqrt(float32 max) <
+    total norm x scale."""
+    model, _, _, train_step, micro_batch = tiny_step_setup(clip_grad=0.0)  # no clip: .grad stays as it was
+    train_step([micro_batch], 0.01, use_mesa=False)
+    norms = torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None]).double()
+    assert norms.norm() > 2 * norms.max()  # room for a scale between the two
+    scale = math.sqrt(torch.finfo(torch.float32).max) / (norms.max() * norms.norm()).sqrt().item()
+    model, _, _, train_step, micro_batch = tiny_step_setup()  # the same network and batch, clipped
+    before = copy.deepcopy(model).state_dict()
+    train_step.loss_scale.fill_(scale)
+    loss, grad_norm, finite = train_step([micro_batch], 0.01, use_mesa=False).tolist()
+    assert not finite and grad_norm == math.inf
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
 def test_buffer_snapshot_puts_back_exactly_what_it_saved():
     """BufferSnapshot over float32 statistics and int64 counters: restore(unless=True) keeps the
     current values, restore(unless=False) and restore() put the saved ones back, bit for bit."""
