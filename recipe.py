@@ -136,7 +136,8 @@ def resolve_config(args, world_size, saved=None):
 
 
 def check_signs(args):
-    """The flags given (unset ones are None: the recipe's and a checkpoint's values are valid)."""
+    """Refuse a flag given with an impossible value (sizes and counts <= 0, rates below 0). Unset
+    flags are None and skipped: the recipe's and a checkpoint's values are valid."""
     for name in ("batch_size", "accum_steps", "epochs", "img_size", "lr"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, not {getattr(args, name)}")
